@@ -1,0 +1,36 @@
+# qwen-sft-pipeline: `make demo` runs the whole pipeline offline on CPU; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml requirements/torch.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: the CPU build on disk here, the CUDA build on a GPU box
+	$(PIP) install --quiet -r requirements/torch.txt
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qwen-sft run --config configs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/train_throughput.py
+	$(PY) bench/generate.py
+	$(PY) bench/pipeline.py
+
+clean:
+	rm -rf .qwen-sft mlruns .pytest_cache

@@ -1,0 +1,284 @@
+"""`qwen-sft`: the command line. Every command takes `--config F` and `--set k=v`.
+
+Errors of the project (`SftError`) print one line without a traceback and exit non-zero;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from sft_core.config import PipelineConfig, load_config
+from sft_core.errors import SftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Qwen2.5 into a medical <think> assistant.")
+console = Console()
+err = Console(stderr=True)
+_DEBUG = {"on": False}
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML preset path or name (e.g. demo).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a key: section.key=value (repeatable).")
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    _DEBUG["on"] = debug or os.environ.get("QWEN_SFT_DEBUG") == "1"
+
+
+def _config(config: Optional[str], overrides: Optional[list[str]], default: str | None = None) -> PipelineConfig:
+    return load_config(config or default, overrides or [])
+
+
+def _fail(exc: BaseException) -> None:
+    if _DEBUG["on"]:
+        raise exc
+    code = exc.exit_code if isinstance(exc, SftError) else 1
+    message = " ".join(str(exc).split("\n")) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Run a command body; project errors become one red line and an exit code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except SftError as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+# --- data ---------------------------------------------------------------------------------
+
+@app.command()
+@guarded
+def validate(
+    source: str = typer.Argument(..., help="A file path, modelscope://owner/name or hf://owner/name."),
+    policy: str = typer.Option("fail", help="fail | quarantine"),
+    out: Optional[Path] = typer.Option(None, help="Folder for the report, Data Docs and quarantine file."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Validate a dataset against its expectation suite; exit 0 only when it is valid."""
+    from sft_core import stages
+
+    cfg = _config(config, [*(set_ or []), f"data.source={source}", f"data.validation_policy={policy}"])
+    out = out or cfg.workdir_path / "validate-cli"
+    raw = stages.run_stage(out / "ingest", lambda f: stages.ingest(cfg, f), refresh=True)
+    res = stages.run_stage(out / "validate", lambda f: stages.validate(cfg, raw, f), refresh=True)
+    table = Table(title=f"validation of {raw['location']}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for k in ("rows",):
+        table.add_row(k, str(raw[k]))
+    for k in ("good_rows", "bad_rows", "digest", "report", "docs", "quarantine"):
+        table.add_row(k, str(res[k]))
+    console.print(table)
+    if res["bad_rows"]:
+        console.print(f"[yellow]{res['bad_rows']} rows quarantined[/] -> {res['quarantine']}")
+
+
+@app.command()
+@guarded
+def prepare(
+    out: Path = typer.Option(..., "--out", help="Folder for train.jsonl, val.jsonl, validation_report.json, stats.json."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    refresh: bool = typer.Option(False, help="Redo every stage."),
+) -> None:
+    """Ingest, validate, split and tokenize; write the split rows and statistics to --out."""
+    from sft_core.stages import prepare_data
+
+    cfg = _config(config, set_)
+    result = prepare_data(cfg, refresh=refresh, log=console.print)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(result["split"]["train"], out / "train.jsonl")
+    shutil.copy(result["split"]["val"], out / "val.jsonl")
+    if result["validate"].get("report"):
+        shutil.copy(result["validate"]["report"], out / "validation_report.json")
+    stats = {
+        "dataset_digest": result["ingest"]["digest"],
+        "valid_digest": result["validate"]["digest"],
+        "rows": {"raw": result["ingest"]["rows"], "valid": result["validate"]["good_rows"],
+                 "quarantined": result["validate"]["bad_rows"], "train": result["split"]["train_rows"],
+                 "val": result["split"]["val_rows"]},
+        "tokens": result["tokenize"]["stats"],
+        "truncated": sum(s["truncated"] for s in result["tokenize"]["stats"].values()),
+        "config_hash": cfg.config_hash(),
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    table = Table(title=f"prepared -> {out}")
+    table.add_column("split")
+    table.add_column("rows", justify="right")
+    table.add_column("p50 / p95 / max tokens", justify="right")
+    table.add_column("truncated", justify="right")
+    for name in ("train", "val"):
+        st = result["tokenize"]["stats"][name]
+        p = st["length_percentiles"]
+        table.add_row(name, str(st["rows_out"]), f"{p['p50']} / {p['p95']} / {p['p100']}", str(st["truncated"]))
+    console.print(table)
+    console.print(f"dataset digest {stats['dataset_digest'][:16]}…  config hash {stats['config_hash']}")
+
+
+# --- models -------------------------------------------------------------------------------
+
+@app.command("make-tiny-model")
+@guarded
+def make_tiny_model(
+    out: Path = typer.Argument(..., help="Folder to write the model into."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Build a random-weight tiny Qwen2 + a tokenizer with Qwen's special tokens."""
+    from sft_core.tiny_model import build_tiny_model
+
+    cfg = _config(config, set_)
+    path = build_tiny_model(out, cfg.model.tiny)
+    info = json.loads((path / "TINY_MODEL.json").read_text())
+    console.print(f"tiny Qwen2 ({info['hidden_size']}x{info['num_hidden_layers']}, tokenizer {info['tokenizer']}) -> {path}")
+
+
+@app.command()
+@guarded
+def predict(
+    question: str = typer.Argument(..., help="The question to answer."),
+    model: str = typer.Option(..., "--model", "-m", help="Model folder or MLflow URI (models:/NAME@production)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Defaults to eval.max_new_tokens."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Answer one question; print the reasoning and the answer as two labelled blocks."""
+    from sft_core.generate import generate_answers
+    from sft_core.modeling import load_model, load_tokenizer, resolve_device
+
+    cfg = _config(config, set_)
+    model_dir = Path(model)
+    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
+        from tasks.tracking import download_model
+
+        model_dir = download_model(model, cfg)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(model_dir)
+    lm = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
+    gen = generate_answers(lm, tokenizer, [question], system_prompt=cfg.data.system_prompt,
+                           max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, batch_size=1,
+                           do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)[0]
+    console.print(Panel(gen.think or "[dim](no reasoning)[/]", title="think", border_style="cyan"))
+    console.print(Panel(gen.answer or "[dim](no answer)[/]", title="answer", border_style="green"))
+    if not gen.format_ok:
+        err.print("[yellow]note:[/] the output is not one <think>…</think> block followed by an answer")
+    if not gen.stopped:
+        err.print(f"[yellow]note:[/] stopped at max_new_tokens={max_new_tokens or cfg.eval.max_new_tokens}")
+
+
+# --- pipeline + registry -------------------------------------------------------------------
+
+@app.command()
+@guarded
+def run(
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    refresh: bool = typer.Option(False, "--refresh", help="Ignore caches and redo every stage."),
+) -> None:
+    """Run the fine-tune flow: ingest -> validate -> split -> tokenize -> train -> evaluate -> generate -> register."""
+    cfg = _config(config, set_)
+    from flows.finetune import finetune
+
+    summary = finetune(config=cfg.model_dump(mode="json"), refresh=refresh)
+    table = Table(title="finetune")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    for row in summary["stages"]:
+        table.add_row(row["stage"], "[dim]cached[/]" if row["status"] == "cached" else "[green]ran[/]", f"{row['seconds']:.1f}")
+    console.print(table)
+    metrics = Table(title="metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k, v in summary["metrics"].items():
+        metrics.add_row(k, f"{v:.4f}")
+    console.print(metrics)
+    if not summary["retrained"]:
+        console.print("[yellow]data and config unchanged: training was skipped (cached)[/]")
+    if summary["registered"]:
+        r = summary["registered"]
+        console.print(f"registered [bold]{r['name']}[/] version {r['version']} -> @{r['alias']}")
+    console.print(f"MLflow run {summary['run_id']}: {summary['run_url']}")
+
+
+@app.command()
+@guarded
+def promote(
+    version: Optional[int] = typer.Option(None, help="Version to promote (default: the alias)."),
+    alias: str = typer.Option("candidate", help="Alias to promote when no version is given."),
+    force: bool = typer.Option(False, help="Promote even when the gate fails."),
+    reason: str = typer.Option("", help="Why (stored as a version tag)."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Move @production to the candidate if it passes the metric gate; the old one becomes @previous."""
+    from flows.promote import promote_gate
+
+    result = promote_gate(_config(config, set_), version=version, alias=alias, force=force, reason=reason)
+    for ch in result["checks"]:
+        mark = "[green]pass[/]" if ch["passed"] else "[red]FAIL[/]"
+        console.print(f"{mark} {ch['metric']}: candidate {ch['candidate']} vs production {ch['production']} ({ch['rule']})")
+    console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
+
+
+@app.command()
+@guarded
+def rollback(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Point @production back at @previous."""
+    from tasks.tracking import rollback as do_rollback
+
+    result = do_rollback(_config(config, set_))
+    console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
+
+
+@app.command()
+@guarded
+def ui(
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the configured store."""
+    import subprocess
+
+    from tasks.tracking import artifact_root, tracking_uri
+
+    cfg = _config(config, set_)
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        console.print(f"the tracking server is already a UI: {uri}")
+        return
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri]
+    if artifact_root(cfg):
+        cmd += ["--default-artifact-root", artifact_root(cfg)]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {uri}); Ctrl-C stops it")
+    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}))
+
+
+def run_cli() -> None:  # pragma: no cover - console entry helper
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

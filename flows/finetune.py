@@ -1,0 +1,139 @@
+"""The `finetune` flow: one line per stage, top to bottom, like alignment-handbook's sft.py.
+
+ingest -> validate -> split -> base model -> tokenize -> train -> evaluate -> generate -> register
+
+Stage tasks are cached on their folder key (input digests + config section + code version);
+tracking tasks are idempotent. One MLflow run per (config, data): a re-run or a resumed
+crash continues the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from sft_core import stages  # noqa: E402
+from sft_core.config import PipelineConfig  # noqa: E402
+from tasks import data as data_tasks  # noqa: E402
+from tasks import evaluation, model, registry, tracking, training  # noqa: E402
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    cfg = PipelineConfig.model_validate(params["config"])
+    model_name = cfg.model.source.split("://")[-1].rstrip("/").split("/")[-1]
+    dataset = cfg.data.source.split("://")[-1].rstrip("/").split("/")[-1].removesuffix(".jsonl")
+    return f"{model_name}--{dataset}--{cfg.config_hash()[:8]}"
+
+
+class StageTimer:
+    """(stage, cached or ran, seconds) rows for the result table."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def __call__(self, stage: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        state = fn(*args, return_state=True, **kwargs)
+        result = state.result()
+        cached = state.name == "Cached" or (isinstance(result, dict) and result.get("reused", False))
+        self.rows.append({"stage": stage, "status": "cached" if cached else "ran",
+                          "seconds": round(time.perf_counter() - started, 2)})
+        return result
+
+
+@flow(name="finetune", flow_run_name=_run_name, log_prints=True, persist_result=True)
+def finetune(config: dict, refresh: bool = False) -> dict:
+    """Fine-tune, evaluate, and register a candidate for one resolved config."""
+    log = get_run_logger()
+    cfg = PipelineConfig.model_validate(config)
+    uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
+    step = StageTimer()
+    key = stages.ingest_key(cfg)
+    raw = step("ingest", data_tasks.ingest, cfg, stages.stage_dir(cfg, "ingest", key or "latest"), refresh=refresh or key is None)
+    run_key = f"{cfg.config_hash()}-{raw['digest'][:16]}"
+    run_id, resumed = tracking.start_or_resume_run(cfg, run_key, _run_name(), _run_tags(cfg, raw))
+    log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
+    try:
+        valid = step("validate", data_tasks.validate, cfg, raw, stages.stage_dir(cfg, "validate", stages.validate_key(cfg, raw)), refresh=refresh)
+        splits = step("split", data_tasks.split, cfg, valid, stages.stage_dir(cfg, "split", stages.split_key(cfg, valid)), refresh=refresh)
+        model_dir = step("base-model", model.base_model, cfg)
+        tok_key = stages.tokenize_key(cfg, splits)
+        tokens = step("tokenize", data_tasks.tokenize, cfg, splits, model_dir, stages.stage_dir(cfg, "tokenize", tok_key), refresh=refresh)
+        registry.track_data(cfg, run_id, raw, valid, splits, tokens)
+        trn_key = stages.train_key(cfg, tok_key)
+        trained = step("train", training.train, cfg, tokens, model_dir, stages.stage_dir(cfg, "train", trn_key), run_id=run_id, refresh=refresh)
+        registry.track_training(cfg, run_id, trained)
+        evaluated = step("evaluate", evaluation.evaluate, cfg, trained, tokens,
+                         stages.stage_dir(cfg, "evaluate", stages.evaluate_key(cfg, trn_key, tok_key)), refresh=refresh)
+        generated = step("generate", evaluation.generate, cfg, trained["final_model_dir"], splits,
+                         stages.stage_dir(cfg, "generate", stages.generate_key(cfg, trn_key, splits)), refresh=refresh)
+        base = None
+        if cfg.eval.compare_base:
+            base = step("generate-base", evaluation.generate, cfg, model_dir, splits,
+                        stages.stage_dir(cfg, "generate", stages.generate_key(cfg, trn_key, splits, base=True)),
+                        name="base_predictions", refresh=refresh)
+        metrics = registry.track_evaluation(cfg, run_id, evaluated, generated, base)
+        registered = None
+        if cfg.registry.enabled and cfg.tracking.log_model:
+            registered = step("register", registry.register, cfg, run_id, trained, metrics, trn_key)
+        promoted = None
+        if registered and cfg.registry.auto_promote:
+            from flows.promote import promote_gate
+
+            promoted = promote_gate(cfg, reason="auto_promote after retraining")
+        tracking.set_tags(cfg, run_id, {"prefect.flow_run_id": str(flow_run.id), "qwen_sft.stages": _stage_summary(step.rows)})
+        tracking.end_run(cfg, run_id, "FINISHED")
+    except BaseException:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
+    url = tracking.run_url(cfg, run_id)
+    retrained = any(r["stage"] == "train" and r["status"] == "ran" for r in step.rows)
+    if not retrained:
+        log.info("data digest and config unchanged since the last run: training skipped (cached)")
+    summary = {"run_id": run_id, "run_url": url, "tracking_uri": uri, "stages": step.rows, "metrics": metrics,
+               "registered": registered, "promoted": promoted, "retrained": retrained,
+               "dataset_digest": raw["digest"], "config_hash": cfg.config_hash(), "train_steps": trained["global_step"]}
+    create_markdown_artifact(markdown=_markdown(cfg, summary), key="finetune-summary",
+                             description="qwen-sft run summary")
+    return summary
+
+
+def _run_tags(cfg: PipelineConfig, raw: dict) -> dict[str, str]:
+    from sft_core.modeling import resolve_device
+
+    return {
+        "git_commit": tracking.git_commit(),
+        "dataset_digest": raw["digest"],
+        "dataset_source": cfg.data.source,
+        "config_hash": cfg.config_hash(),
+        "prefect.flow_run_id": str(flow_run.id),
+        "device": resolve_device(cfg.train.device),
+        "base_model": cfg.model.source,
+    }
+
+
+def _stage_summary(rows: list[dict]) -> str:
+    return ", ".join(f"{r['stage']}:{r['status']}" for r in rows)
+
+
+def _markdown(cfg: PipelineConfig, s: dict) -> str:
+    lines = [f"# qwen-sft run `{cfg.name}`", "", f"MLflow run: [{s['run_id']}]({s['run_url']})", "",
+             "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in s["stages"]]
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in s["metrics"].items() if isinstance(v, (int, float))]
+    if s["registered"]:
+        r = s["registered"]
+        lines += ["", f"Registered `{r['name']}` version {r['version']} as `@{r['alias']}`."]
+    return "\n".join(lines)

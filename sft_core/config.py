@@ -1,0 +1,323 @@
+"""Typed configuration: one pydantic tree loaded from YAML, overridable with ``--set k=v``.
+
+Precedence (lowest to highest): model defaults < YAML preset < environment
+(``MLFLOW_TRACKING_URI`` for ``tracking.uri``) < ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sft_core.errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = "你是一个医学专家，你需要根据用户的问题，给出带有思考的回答。"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where rows come from and how they are checked, split and formatted."""
+
+    source: str = "modelscope://krisfu/delicate_medical_r1_data"
+    subset: str | None = "default"
+    split: str = "train"
+    revision: str | None = None
+    cache_dir: str | None = None
+    suite: str = "delicate_medical_r1"
+    validation_policy: Literal["fail", "quarantine"] = "fail"
+    min_rows: int = Field(default=10, ge=1)
+    max_field_chars: int = Field(default=20000, ge=1)
+    split_method: Literal["shuffle", "hash"] = "shuffle"
+    train_fraction: float = Field(default=0.9, gt=0.0, lt=1.0)
+    split_seed: int = 42
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_length: int = Field(default=2048, ge=16)
+    truncation: Literal["truncate", "drop"] = "truncate"
+
+
+class TinyModelConfig(_Section):
+    """Shape of the random-weight Qwen2 that `tiny://` sources build."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 4096
+    vocab_size: int = 2048  # used only with the self-built BPE fallback
+    tokenizer: Literal["auto", "qwen", "bpe"] = "auto"
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    """Which base model to fine-tune and how to load it."""
+
+    source: str = "modelscope://Qwen/Qwen2.5-1.5B"
+    revision: str | None = None
+    cache_dir: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+class TrainConfig(_Section):
+    """Trainer hyper-parameters; defaults are the tutorial's."""
+
+    per_device_train_batch_size: int = Field(default=1, ge=1)
+    per_device_eval_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=4, ge=1)
+    num_train_epochs: float = Field(default=2.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = 1.0
+    eval_steps: int = Field(default=100, ge=1)
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int = Field(default=400, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
+    gradient_checkpointing: bool = True
+    padding_free: bool = True
+    group_by_length: bool = True
+    loss: Literal["chunked", "standard"] = "chunked"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int = Field(default=1, ge=1)
+    accelerate_config: Literal["ddp", "fsdp", "deepspeed_zero3"] = "ddp"
+    dataloader_num_workers: int = Field(default=0, ge=0)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+
+class EvalConfig(_Section):
+    """Validation metrics and sample generation."""
+
+    batch_size: int = Field(default=8, ge=1)
+    num_generate: int = Field(default=16, ge=0)
+    generate_batch_size: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=1024, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=0.7, gt=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    compare_base: bool = False
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking; `uri: null` means an embedded SQLite store in the workdir."""
+
+    uri: str | None = None
+    experiment: str | None = None
+    log_checkpoints: Literal["none", "best", "all"] = "best"
+    log_model: bool = True
+
+
+class GateConfig(_Section):
+    """Promotion gate: candidate vs current production."""
+
+    max_eval_loss_increase: float = 0.0
+    min_format_ok_delta: float = 0.0
+
+
+class RegistryConfig(_Section):
+    name: str = "qwen2.5-1.5b-medical"
+    enabled: bool = True  # register a version after each run
+    auto_promote: bool = False
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class ScheduleConfig(_Section):
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    work_pool: str = "qwen-sft-process"
+
+
+class PipelineConfig(_Section):
+    """The whole job."""
+
+    name: str = "qwen2.5-1.5b-medical"
+    workdir: str = "./.qwen-sft"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "PipelineConfig":
+        if self.eval.max_new_tokens > 0 and self.data.max_length < 64:
+            raise ValueError("data.max_length must be >= 64 to hold the prompt and an answer")
+        return self
+
+    # -- derived values ---------------------------------------------------
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The dump of the named sections, for cache keys."""
+        dump = self.model_dump(mode="json")
+        return {n: dump[n] for n in names}
+
+    def config_hash(self) -> str:
+        """Stable 12-hex hash of everything that changes results (workdir and tracking excluded)."""
+        dump = self.model_dump(mode="json", exclude={"workdir", "tracking", "schedule"})
+        return stable_hash(dump)
+
+    def flat_params(self) -> dict[str, str]:
+        """`section.key` -> value strings, secrets redacted, for MLflow params."""
+        return {k: str(v) for k, v in flatten(redact(self.model_dump(mode="json"))).items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+
+
+SECRET_MARKERS = ("password", "token", "secret", "api_key", "apikey")
+
+
+def redact(obj: Any) -> Any:
+    """Replace credential-looking values (by key, or user:pass@ in URIs) with '***'."""
+    if isinstance(obj, dict):
+        return {
+            k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) and obj[k] else redact(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj and "@" in obj.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = obj.split("://", 1)
+        creds, host = rest.split("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return obj
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    payload = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:length]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars: 5e-5, true, null, [1,2], "text"."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, naming the unknown key when the path does not exist."""
+    parts = dotted.split(".")
+    node: Any = tree
+    model: type[BaseModel] = PipelineConfig
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' (known here: {known})")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' must be a mapping")
+        model = annotation
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A preset name (`demo`) or a file path."""
+    p = Path(path)
+    if p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{path}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"config file '{path}' not found (presets: {', '.join(list_presets())})")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+) -> PipelineConfig:
+    """Load YAML (or defaults), apply environment then `--set` overrides, validate."""
+    env = dict(os.environ) if env is None else env
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        cfg_path = resolve_config_path(path)
+        source = str(cfg_path)
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{cfg_path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{cfg_path}: top level must be a mapping")
+        tree = loaded
+    if env.get("MLFLOW_TRACKING_URI") and (tree.get("tracking") or {}).get("uri") is None:
+        tree.setdefault("tracking", {})["uri"] = env["MLFLOW_TRACKING_URI"]
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        pairs = list(overrides.items())
+    elif overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like section.key=value")
+            key, raw = item.split("=", 1)
+            pairs.append((key.strip(), _parse_value(raw)))
+    # validate the keys of the file too, so a typo names itself
+    _check_keys(tree)
+    for key, value in pairs:
+        apply_override(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "(root)"
+        raise ConfigError(f"invalid config ({source}): '{loc}': {first['msg']}") from exc
+
+
+def _check_keys(tree: dict[str, Any], model: type[BaseModel] = PipelineConfig, prefix: str = "") -> None:
+    for key, value in tree.items():
+        if key not in model.model_fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known here: {', '.join(sorted(model.model_fields))})")
+        annotation = model.model_fields[key].annotation
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{prefix}{key}.")

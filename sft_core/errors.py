@@ -1,0 +1,49 @@
+"""One exception class per failure kind. Messages name the file/row/column or setting at fault."""
+
+
+class SftError(Exception):
+    """Base class: the CLI prints these without a traceback and exits non-zero."""
+
+    exit_code = 1
+
+
+class ConfigError(SftError):
+    """A config key is unknown, has the wrong type, or an impossible value."""
+
+    exit_code = 2
+
+
+class DataSourceError(SftError):
+    """The dataset cannot be fetched (network, unknown id, missing file)."""
+
+    exit_code = 3
+
+
+class DataFormatError(SftError):
+    """A dataset file cannot be parsed into rows (bad JSON, encoding, binary, empty...)."""
+
+    exit_code = 3
+
+
+class DataValidationError(SftError):
+    """Rows were read but break the expectation suite (policy `fail`)."""
+
+    exit_code = 4
+
+
+class ModelSourceError(SftError):
+    """The base model cannot be found or loaded."""
+
+    exit_code = 5
+
+
+class TrackingError(SftError):
+    """The MLflow tracking server is unreachable or refuses us."""
+
+    exit_code = 6
+
+
+class PromotionError(SftError):
+    """The promotion gate refused a candidate, or the alias to move does not exist."""
+
+    exit_code = 7

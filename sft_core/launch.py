@@ -1,0 +1,37 @@
+"""Entry point for multi-process training: ``accelerate launch -m sft_core.launch ...``.
+
+The train task writes the resolved config to JSON and launches this module with the
+accelerate config from ``infra/accelerate/``; every rank runs the same `run_training`,
+rank 0 writes the result JSON that the task picks up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from sft_core.config import PipelineConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config-json", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--train-data", required=True)
+    p.add_argument("--eval-data")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--result-json", required=True)
+    a = p.parse_args(argv)
+    from sft_core.train import run_training
+
+    cfg = PipelineConfig.model_validate(json.loads(Path(a.config_json).read_text(encoding="utf-8")))
+    result = run_training(cfg, model_dir=a.model_dir, train_data=a.train_data, eval_data=a.eval_data,
+                          output_dir=a.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(a.result_json).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Supervised fine-tuning loss that never materialises logits it does not need.
+
+A Qwen2.5 vocabulary has 151,936 entries, so the ``[tokens, vocab]`` logits (and the
+fp32 softmax and its gradient) dominate both the time and the memory of a training
+step on small and mid-sized models. ``compute_sft_loss(mode="chunked")``:
+
+1. runs the decoder through the model's own ``forward`` with ``logits_to_keep`` set to
+   an empty index tensor and ``output_hidden_states=True`` (the last entry is the final,
+   normed hidden state): no logits at all, and the call goes through a DDP wrapper's
+   ``forward``, so DDP's gradient synchronisation is set up as usual;
+2. keeps only the positions whose *shifted* label is not -100 (prompt and padding
+   positions never reach the lm_head);
+3. applies the lm_head + fp32 cross-entropy in chunks of ``chunk_size`` tokens, each
+   under ``torch.utils.checkpoint``: the chunk's logits are freed after its forward and
+   recomputed in backward, so peak memory holds one chunk of logits, not all of them.
+
+Labels follow the Hugging Face convention (not yet shifted, -100 ignored). A global
+shift is also right for padding-free batches from ``DataCollatorWithFlattening``: the
+collator sets the first label of every packed example to -100, so the last token of one
+example is never trained to predict the first token of the next.
+
+Wrappers: plain models and ``DistributedDataParallel`` work (the forward runs through
+the wrapper; the lm_head is then called on the unwrapped module, whose weight is a full
+replica). Under FSDP / DeepSpeed ZeRO-3 the lm_head weight may be sharded outside the
+wrapper's forward: use ``mode="standard"`` there unless the lm_head stays unsharded
+(FSDP2 keeps the root unit's parameters gathered between forward and backward).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sft_core.errors import ConfigError
+
+IGNORE_INDEX = -100
+_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def compute_sft_loss(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    *,
+    num_items_in_batch: int | Tensor | None = None,
+    mode: Literal["chunked", "standard"] = "chunked",
+    chunk_size: int = 1024,
+) -> tuple[Tensor, dict[str, int]]:
+    """Next-token cross-entropy over the supervised tokens of a batch.
+
+    ``inputs`` holds ``input_ids`` and ``labels`` (unshifted, -100 = ignored) and
+    optionally ``attention_mask`` / ``position_ids``; other keys are ignored. The loss
+    is the summed token CE divided by ``num_items_in_batch`` when given (how the HF
+    Trainer normalises across gradient accumulation), else by the number of supervised
+    tokens. A batch with no supervised token gives a zero loss that still backpropagates.
+    Returns ``(loss, {"num_tokens": ..., "num_correct": ...})``, where ``num_correct``
+    counts tokens whose argmax prediction equals the label (token accuracy).
+    """
+    if "input_ids" not in inputs or "labels" not in inputs:
+        raise ConfigError(f"compute_sft_loss needs 'input_ids' and 'labels' in inputs, got keys {sorted(inputs)}")
+    if chunk_size < 1:
+        raise ConfigError(f"compute_sft_loss: chunk_size must be >= 1, got {chunk_size}")
+    labels = inputs["labels"]
+    # target of position t is the label at t+1; the last position of each row has none
+    targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    forward_inputs = {k: inputs[k] for k in _FORWARD_KEYS if inputs.get(k) is not None}
+
+    if mode == "standard":
+        logits = model(**forward_inputs).logits
+        loss_sum, num_correct = _ce_sum_and_correct(logits.reshape(-1, logits.shape[-1]), targets)
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+    elif mode == "chunked":
+        hidden = _final_hidden_states(model, forward_inputs)
+        positions = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+        num_tokens = int(positions.numel())
+        loss_sum, num_correct = _chunked_ce(
+            _unwrap(model).get_output_embeddings(),
+            hidden.reshape(-1, hidden.shape[-1])[positions],
+            targets[positions],
+            chunk_size,
+            anchor=hidden,
+        )
+    else:
+        raise ConfigError(f"compute_sft_loss: mode must be 'chunked' or 'standard', got {mode!r}")
+
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+        loss = loss_sum / num_items_in_batch
+    else:
+        loss = loss_sum / max(num_tokens, 1)
+    return loss, {"num_tokens": num_tokens, "num_correct": int(num_correct)}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP / FSDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _final_hidden_states(model: nn.Module, forward_inputs: dict[str, Tensor]) -> Tensor:
+    """Last (normed) hidden states ``[batch, seq, hidden]`` without computing any logits."""
+    inner = _unwrap(model)
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        # older or custom heads: the decoder alone (bypasses a wrapper's forward hooks)
+        return inner.get_decoder()(**forward_inputs).last_hidden_state
+    device = forward_inputs["input_ids"].device
+    no_positions = torch.empty(0, dtype=torch.long, device=device)
+    out = model(**forward_inputs, logits_to_keep=no_positions, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def _ce_sum_and_correct(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed fp32 cross-entropy and the number of argmax hits (targets may hold -100)."""
+    logits = logits.float()
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == targets).sum()
+    return loss_sum, correct
+
+
+def _head_ce(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    return _ce_sum_and_correct(lm_head(hidden), targets)
+
+
+def _chunked_ce(
+    lm_head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int, *, anchor: Tensor
+) -> tuple[Tensor, Tensor]:
+    """lm_head + CE over ``hidden [n, H]`` in checkpointed chunks of ``chunk_size`` rows."""
+    # zero, yet part of the graph: a batch without supervised tokens still backpropagates
+    loss_sum = anchor.sum() * 0.0
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if needs_grad:
+            part, hits = checkpoint(_head_ce, lm_head, h, t, use_reentrant=False)
+        else:
+            part, hits = _head_ce(lm_head, h, t)
+        loss_sum = loss_sum + part
+        correct = correct + hits
+    return loss_sum.float(), correct

@@ -1,0 +1,134 @@
+"""Chat formatting and SFT tokenization.
+
+Each row becomes the messages ``[system, user=question, assistant=<think>…</think>\\n\\nanswer]``
+rendered by the tokenizer's own chat template (not a hand-written f-string). Labels are
+-100 on the prompt (everything up to and including ``<|im_start|>assistant\\n``), then the
+assistant tokens, then ``<|im_end|>`` with a real label, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+IGNORE_INDEX = -100
+IM_END = "<|im_end|>"
+
+
+def format_assistant(think: str, answer: str) -> str:
+    """The assistant turn the model is trained to produce."""
+    return f"<think>\n{think}\n</think>\n\n{answer}"
+
+
+def build_messages(question: str, system_prompt: str, think: str | None = None, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    if think is not None and answer is not None:
+        messages.append({"role": "assistant", "content": format_assistant(think, answer)})
+    return messages
+
+
+def render_prompt(tokenizer: Any, question: str, system_prompt: str) -> str:
+    """The generation prompt: system + user + ``<|im_start|>assistant\\n``."""
+    return tokenizer.apply_chat_template(
+        build_messages(question, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def render_example(tokenizer: Any, row: dict, system_prompt: str) -> tuple[str, str]:
+    """(prompt text, completion text); the completion ends on the end-of-turn token."""
+    prompt = render_prompt(tokenizer, row["question"], system_prompt)
+    full = tokenizer.apply_chat_template(
+        build_messages(row["question"], system_prompt, row["think"], row["answer"]), tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
+    completion = full[len(prompt) :]
+    end = completion.rfind(IM_END)
+    if end < 0:
+        raise ValueError(f"the chat template does not end the assistant turn with {IM_END}")
+    return prompt, completion[: end + len(IM_END)]
+
+
+@dataclass
+class TokenizeStats:
+    rows_in: int = 0
+    rows_out: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    supervised_tokens: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_batch(
+    batch: dict[str, list],
+    *,
+    tokenizer: Any,
+    system_prompt: str,
+    max_length: int,
+    truncation: Literal["truncate", "drop"] = "truncate",
+) -> dict[str, list]:
+    """`datasets.map(batched=True)` function: rows -> input_ids / attention_mask / labels / length."""
+    rendered = [
+        render_example(tokenizer, {"question": q, "think": t, "answer": a}, system_prompt)
+        for q, t, a in zip(batch["question"], batch["think"], batch["answer"])
+    ]
+    prompts = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in rendered], add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": [], "truncated": [], "keep": []}
+    for p, c in zip(prompts, completions):
+        ids = p + c
+        labels = [IGNORE_INDEX] * len(p) + c
+        truncated = len(ids) > max_length
+        if truncated:
+            ids, labels = ids[:max_length], labels[:max_length]
+        keep = not (truncated and truncation == "drop") and any(x != IGNORE_INDEX for x in labels)
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["truncated"].append(truncated)
+        out["keep"].append(keep)
+    return out
+
+
+def tokenize_rows(
+    rows: list[dict],
+    tokenizer: Any,
+    *,
+    system_prompt: str,
+    max_length: int,
+    truncation: Literal["truncate", "drop"] = "truncate",
+    batch_size: int = 256,
+    num_proc: int | None = None,
+    desc: str = "tokenize",
+):
+    """Tokenize rows into a `datasets.Dataset` (input_ids, attention_mask, labels, length) + stats."""
+    import datasets
+    import numpy as np
+
+    base = datasets.Dataset.from_dict(
+        {k: [str(r[k]) for r in rows] for k in ("question", "think", "answer")}
+    )
+    encoded = base.map(
+        encode_batch,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=base.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "system_prompt": system_prompt, "max_length": max_length, "truncation": truncation},
+        desc=desc,
+    )
+    stats = TokenizeStats(rows_in=len(rows), truncated=int(sum(encoded["truncated"])))
+    keep = encoded["keep"]
+    stats.dropped = int(len(keep) - sum(keep))
+    if stats.dropped:
+        encoded = encoded.filter(lambda k: k, input_columns="keep", desc=f"{desc}: drop")
+    encoded = encoded.remove_columns(["truncated", "keep"])
+    stats.rows_out = len(encoded)
+    lengths = np.asarray(encoded["length"] if len(encoded) else [0])
+    stats.length_percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}
+    stats.supervised_tokens = int(sum(sum(1 for x in lab if x != IGNORE_INDEX) for lab in encoded["labels"]))
+    return encoded, stats

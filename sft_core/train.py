@@ -1,0 +1,232 @@
+"""Full-parameter supervised fine-tuning with transformers' `Trainer`.
+
+Device-agnostic (bf16 on CUDA, fp32 on CPU) and process-agnostic: the same code runs
+under ``accelerate launch`` for DDP / FSDP / DeepSpeed. The loss skips prompt tokens and
+computes the vocabulary projection in chunks (`sft_core.loss`), padding-free batches keep
+examples apart through position_ids, and the run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sft_core.config import PipelineConfig, TrainConfig
+
+MetricsSink = Callable[[int, dict[str, float]], None]
+
+ATTN_KEEPS_PACKED_APART = {"sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    final_model_dir: str
+    global_step: int
+    epochs: float
+    train_loss: float | None
+    best_checkpoint: str | None
+    best_eval_loss: float | None
+    resumed_from: str | None
+    metrics_file: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete `checkpoint-N` folder (one that has trainer_state.json)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def make_collator(tokenizer: Any, *, padding_free: bool, attn_implementation: str, pad_to_multiple_of: int | None = None):
+    """Padding-free flattening where attention keeps examples apart, else dynamic padding."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if padding_free and attn_implementation in ATTN_KEEPS_PACKED_APART:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def build_training_args(tc: TrainConfig, output_dir: str | Path, *, device: str, bf16: bool, has_eval: bool):
+    from transformers import TrainingArguments
+
+    load_best = has_eval and tc.save_steps % tc.eval_steps == 0
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=tc.per_device_train_batch_size,
+        per_device_eval_batch_size=tc.per_device_eval_batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        num_train_epochs=tc.num_train_epochs,
+        max_steps=tc.max_steps,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler_type,
+        warmup_steps=tc.warmup_ratio,
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=tc.eval_steps,
+        logging_strategy="steps",
+        logging_steps=tc.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=tc.save_steps,
+        save_total_limit=tc.save_total_limit,
+        load_best_model_at_end=load_best,
+        metric_for_best_model="eval_loss" if load_best else None,
+        greater_is_better=False if load_best else None,
+        prediction_loss_only=True,  # never gather 150k-wide eval logits
+        gradient_checkpointing=tc.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
+        length_column_name="length",
+        bf16=bf16,
+        seed=tc.seed,
+        data_seed=tc.seed,
+        use_cpu=device == "cpu",
+        report_to="none",  # the project's own callback logs; transformers' MLflowCallback stays off
+        dataloader_num_workers=tc.dataloader_num_workers,
+        save_only_model=False,
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def make_trainer_class():
+    """A `Trainer` whose loss skips prompt logits and which reports supervised tokens/s."""
+    import torch
+    from transformers import Trainer
+
+    from sft_core.loss import compute_sft_loss
+
+    class SFTTrainer(Trainer):
+        loss_mode: str = "chunked"
+
+        def __init__(self, *args: Any, loss_mode: str = "chunked", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.loss_mode = loss_mode
+            self._supervised_tokens = 0
+            self._tokens_clock = time.perf_counter()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {k: v for k, v in inputs.items() if k != "length"}
+            loss, stats = compute_sft_loss(model, inputs, num_items_in_batch=num_items_in_batch, mode=self.loss_mode)
+            if model.training:
+                self._supervised_tokens += int(stats["num_tokens"])
+            return (loss, None) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:  # a training log line: attach supervised tokens/s since the last one
+                now = time.perf_counter()
+                tokens = torch.tensor(self._supervised_tokens, device=self.args.device)
+                if self.args.world_size > 1:
+                    tokens = self.accelerator.reduce(tokens, reduction="sum")
+                logs["tokens_per_second"] = round(float(tokens) / max(now - self._tokens_clock, 1e-9), 2)
+                self._supervised_tokens, self._tokens_clock = 0, now
+            super().log(logs, start_time)
+
+    return SFTTrainer
+
+
+def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None):
+    """Per-step metrics to a JSONL file (always) and to `sink` (e.g. MLflow), main process only."""
+    from transformers import TrainerCallback
+
+    names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+             "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch", "eval_loss": "eval/loss"}
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            metrics = {names[k]: float(v) for k, v in logs.items() if k in names and v is not None and math.isfinite(float(v))}
+            if not metrics:
+                return
+            with metrics_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
+            if sink is not None:
+                sink(state.global_step, metrics)
+
+    return MetricsCallback()
+
+
+def run_training(
+    cfg: PipelineConfig,
+    *,
+    model_dir: str | Path,
+    train_data: str | Path,
+    eval_data: str | Path | None,
+    output_dir: str | Path,
+    sink: MetricsSink | None = None,
+    extra_callbacks: list | None = None,
+) -> TrainResult:
+    """Fine-tune `model_dir` on tokenized datasets saved with `save_to_disk`; resume when possible."""
+    import datasets
+    import torch
+    from transformers import set_seed
+
+    from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device, resolve_dtype
+
+    tc = cfg.train
+    started = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(tc.seed)
+    device = resolve_device(tc.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_dir, dtype=dtype, device="cpu", attn_implementation=cfg.model.attn_implementation,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    prepare_for_sft(model, tokenizer)
+    model.config.use_cache = False
+
+    train_ds = datasets.load_from_disk(str(train_data))
+    eval_ds = datasets.load_from_disk(str(eval_data)) if eval_data else None
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    args = build_training_args(tc, out, device=device, bf16=dtype == torch.bfloat16 and device == "cuda", has_eval=eval_ds is not None)
+    collator = make_collator(tokenizer, padding_free=tc.padding_free, attn_implementation=cfg.model.attn_implementation,
+                             pad_to_multiple_of=8 if device == "cuda" else None)
+    metrics_file = out / "metrics.jsonl"
+    trainer = make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[make_metrics_callback(metrics_file, sink), *(extra_callbacks or [])],
+        # the chunked loss calls the lm_head outside the wrapper's forward: fine for DDP, not for sharded weights
+        loss_mode=tc.loss if tc.num_processes == 1 or tc.accelerate_config == "ddp" else "standard",
+    )
+    resume = last_checkpoint(out)
+    result = trainer.train(resume_from_checkpoint=resume)
+    final_dir = out / "final"
+    trainer.save_model(str(final_dir))  # safetensors; main process only under accelerate
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final_dir)
+        trainer.model.generation_config.save_pretrained(final_dir)
+    state = trainer.state
+    return TrainResult(
+        output_dir=str(out),
+        final_model_dir=str(final_dir),
+        global_step=state.global_step,
+        epochs=float(state.epoch or 0.0),
+        train_loss=float(result.training_loss) if result.training_loss is not None else None,
+        best_checkpoint=state.best_model_checkpoint,
+        best_eval_loss=float(state.best_metric) if state.best_metric is not None else None,
+        resumed_from=resume,
+        metrics_file=str(metrics_file),
+        seconds=round(time.perf_counter() - started, 3),
+    )
