@@ -16,7 +16,9 @@
 #             MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 # --auth (or MLFLOW_AUTH=true): MLflow basic-auth app. MLFLOW_AUTH_ADMIN_PASSWORD (>= 12
 #             chars) creates the admin user on first start; MLFLOW_AUTH_ADMIN_USERNAME
-#             (admin); MLFLOW_AUTH_DATABASE_URI (sqlite:///$MLFLOW_HOME/basic_auth.db).
+#             (admin); MLFLOW_AUTH_DATABASE_URI (sqlite:///$MLFLOW_HOME/basic_auth.db);
+#             MLFLOW_FLASK_SERVER_SECRET_KEY (CSRF key; random per start when unset).
+#             Needs `pip install 'mlflow[auth]'` (Flask-WTF).
 # Always: MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_WORKERS (mlflow's default).
 # Secrets come from the environment only; the rendered auth config (mode 600) is the only
 # file that may hold one (a password inside MLFLOW_AUTH_DATABASE_URI).
@@ -33,7 +35,7 @@ while (($#)); do
     sqlite | postgres) mode="$1" ;;
     --auth) auth=true ;;
     --) shift; extra=("$@"); break ;;
-    -h | --help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (expected sqlite, postgres, --auth or -- <mlflow server options>)" ;;
   esac
   shift
@@ -90,7 +92,13 @@ if [[ "$auth" == true ]]; then
   if [[ "$auth_db" != "$MLFLOW_AUTH_DATABASE_URI" && ! -f "$auth_db" ]] && ((${#pw} < 12)); then
     die "--auth: a new user store needs MLFLOW_AUTH_ADMIN_PASSWORD (at least 12 characters) for the admin user"
   fi
-  # configparser does not read the environment: render ${VARS} of the template into $home.
+  if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
+    # CSRF key shared by this server's workers; set it yourself to keep UI sessions across restarts.
+    echo "mlflow/server.sh: MLFLOW_FLASK_SERVER_SECRET_KEY unset, using a random one" >&2
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$("$python" -c 'import secrets; print(secrets.token_hex(32))')"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
+  # configparser does not read the environment: fill the ${...} placeholders of the template into $home.
   export MLFLOW_AUTH_CONFIG_PATH="$home/basic_auth.ini"
   (umask 077 && "$python" - "$here/basic_auth.ini" "$MLFLOW_AUTH_CONFIG_PATH") <<'EOF'
 import os, re, sys

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,14 +191,14 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
-SECRET_MARKERS = ("password", "token", "secret", "api_key", "apikey")
+SECRET_KEY = re.compile(r"(password|passwd|secret|api_?key|access_key|(^|_)token)$", re.IGNORECASE)
 
 
 def redact(obj: Any) -> Any:
     """Replace credential-looking values (by key, or user:pass@ in URIs) with '***'."""
     if isinstance(obj, dict):
         return {
-            k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) and obj[k] else redact(v))
+            k: ("***" if SECRET_KEY.search(k) and obj[k] else redact(v))
             for k, v in obj.items()
         }
     if isinstance(obj, list):

@@ -8,6 +8,7 @@ assistant tokens, then ``<|im_end|>`` with a real label, so the model learns to 
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -120,12 +121,14 @@ def tokenize_rows(
         remove_columns=base.column_names,
         fn_kwargs={"tokenizer": tokenizer, "system_prompt": system_prompt, "max_length": max_length, "truncation": truncation},
         desc=desc,
+        # a fingerprint of our own: hashing the tokenizer for datasets' default one costs seconds
+        new_fingerprint=uuid.uuid4().hex,
     )
     stats = TokenizeStats(rows_in=len(rows), truncated=int(sum(encoded["truncated"])))
     keep = encoded["keep"]
     stats.dropped = int(len(keep) - sum(keep))
     if stats.dropped:
-        encoded = encoded.filter(lambda k: k, input_columns="keep", desc=f"{desc}: drop")
+        encoded = encoded.filter(lambda k: k, input_columns="keep", desc=f"{desc}: drop", new_fingerprint=uuid.uuid4().hex)
     encoded = encoded.remove_columns(["truncated", "keep"])
     stats.rows_out = len(encoded)
     lengths = np.asarray(encoded["length"] if len(encoded) else [0])

@@ -1,0 +1,328 @@
+"""Training throughput: the tutorial's recipe (A) against our SFT step (B), same rows, same model.
+
+A  = the tutorial re-implemented: f-string prompt, labels = response + pad, one row per
+     micro-batch (DataCollatorForSeq2Seq padding=True), gradient accumulation 4,
+     gradient checkpointing, HF's own loss (full logits on every position).
+B  = ours: the same token ids ending on <|im_end|> instead of pad (same token count),
+     4 rows per step padding-free (DataCollatorWithFlattening), compute_sft_loss
+     chunked (logits only at supervised positions, one chunk at a time), no checkpointing.
+Both: AdamW lr 1e-4, linear decay, grad-norm clip 1.0 (the Trainer defaults), 4 rows and
+the same supervised tokens per optimizer step, fp32 on CPU, a Qwen2-shaped model with the
+real 151,936-entry vocabulary. Each variant runs in its own subprocess so that its peak
+RSS is its own; the median of --repeats runs is reported. The first optimizer step is a
+warm-up and is not timed (unless --steps 1).
+
+    timeout 1200 .venv/bin/python bench/train_throughput.py            # full (minutes)
+    .venv/bin/python bench/train_throughput.py --tiny                  # smoke (seconds)
+    .venv/bin/python bench/train_throughput.py --variants A,B,B-pad,B-bs1,B-ckpt
+
+Ends with one line: ``train speedup N.NNx`` (B tok/s over A tok/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED_ROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "delicate_medical_r1_sample.jsonl"
+BUNDLED_ROWS = REPO / "sft_core" / "sample_data" / "medical_sample.jsonl"
+PROMPT = "你是一个医学专家,你需要根据用户的问题,给出带有思考的回答。"  # the tutorial's system prompt
+QWEN_VOCAB = 151936
+ROWS_PER_STEP = 4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one optimizer step of 4 rows is batched and what loss path it uses."""
+
+    batching: str  # "bs1": 4 micro-batches of 1 row (GA 4); "pad4": one padded batch; "flat4": padding-free
+    loss: str  # "hf": model(**batch).loss; "chunked" / "standard": compute_sft_loss(mode=...)
+    checkpointing: bool
+    end_on_im_end: bool
+    about: str
+
+
+VARIANTS = {
+    "A": Variant("bs1", "hf", True, False, "tutorial: bs1 GA4, HF loss, grad ckpt"),
+    "B": Variant("flat4", "chunked", False, True, "ours: padding-free 4 rows, chunked CE"),
+    "B-pad": Variant("pad4", "chunked", False, True, "padded 4 rows, chunked CE"),
+    "B-bs1": Variant("bs1", "chunked", False, True, "bs1 GA4, chunked CE"),
+    "B-ckpt": Variant("flat4", "chunked", True, True, "padding-free, chunked CE, grad ckpt"),
+    "flat-std": Variant("flat4", "standard", False, True, "padding-free, full logits"),
+}
+
+
+# ---------------------------------------------------------------- data and model (child side)
+
+
+def load_rows(n: int) -> tuple[list[dict], str]:
+    """n rows with question/think/answer: the shared real sample, the bundled one, else synthetic."""
+    for path in (SHARED_ROWS, BUNDLED_ROWS):
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [r for r in rows if all(k in r for k in ("question", "think", "answer"))]
+            if rows:
+                return [rows[i % len(rows)] for i in range(n)], str(path)
+    body = "患者出现发热、咳嗽和乏力，需要结合病史、体格检查与实验室检查综合判断。"
+    rows = [
+        {"question": f"问题{i}：发热伴咳嗽应如何处理？", "think": body * (8 + i % 5), "answer": body * (2 + i % 3)}
+        for i in range(n)
+    ]
+    return rows, "synthetic"
+
+
+def load_tokenizer():
+    from sft_core.tiny_model import build_bpe_tokenizer, find_qwen_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    qwen_dir = find_qwen_tokenizer_dir()
+    if qwen_dir is not None:
+        return AutoTokenizer.from_pretrained(str(qwen_dir)), "qwen2.5"
+    return build_bpe_tokenizer(2048), "bpe"
+
+
+def tokenize_like_tutorial(rows: list[dict], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """The tutorial's process_func: f-string prompt, labels = response + pad, then truncation."""
+    out = []
+    for row in rows:
+        output = f"<think>{row['think']}</think> \n {row['answer']}"  # dataset_jsonl_transfer's format
+        instruction = tokenizer(
+            f"<|im_start|>system\n{PROMPT}<|im_end|>\n<|im_start|>user\n{row['question']}<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            add_special_tokens=False,
+        )
+        response = tokenizer(output, add_special_tokens=False)
+        input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
+        labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
+        out.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length]})
+    return out
+
+
+def end_on_im_end(examples: list[dict], pad_id: int, im_end_id: int) -> list[dict]:
+    """Our rows: the same ids, but the closing pad becomes <|im_end|> (token counts unchanged)."""
+    out = []
+    for ex in examples:
+        ids, labels = list(ex["input_ids"]), list(ex["labels"])
+        if ids[-1] == pad_id and labels[-1] == pad_id:
+            ids[-1] = labels[-1] = im_end_id
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def build_model(hidden: int, layers: int, vocab: int, pad_id: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    heads = max(1, hidden // 64)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=max(64, hidden * 35 // 6 // 64 * 64),  # Qwen2.5-1.5B's 8960/1536 ratio
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1_000_000.0,
+        pad_token_id=pad_id,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config)
+
+
+def supervised(labels: list[int]) -> int:
+    """Tokens that are trained: shifted labels != -100."""
+    return sum(1 for t in labels[1:] if t != -100)
+
+
+# ---------------------------------------------------------------- one variant (child process)
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from sft_core.loss import compute_sft_loss
+
+    v = VARIANTS[name]
+    torch.manual_seed(0)
+    tokenizer, tok_kind = load_tokenizer()
+    rows, source = load_rows(args.rows)
+    a_examples = tokenize_like_tutorial(rows, tokenizer, args.max_length)
+    vocab = args.vocab or (QWEN_VOCAB if tok_kind == "qwen2.5" else max(len(tokenizer), QWEN_VOCAB))
+    pad_id = tokenizer.pad_token_id
+    im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    examples = end_on_im_end(a_examples, pad_id, im_end_id) if v.end_on_im_end else a_examples
+
+    model = build_model(args.hidden, args.layers, vocab, pad_id)
+    model.config.use_cache = False
+    if v.checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # as the tutorial does
+    model.train()
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / args.steps))
+    seq2seq = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True)
+    flatten = DataCollatorWithFlattening(return_tensors="pt")
+
+    def step_rows(step: int, exs: list[dict]) -> list[dict]:
+        return [exs[(step * ROWS_PER_STEP + i) % len(exs)] for i in range(ROWS_PER_STEP)]
+
+    def micro_batches(group: list[dict]) -> list[dict]:
+        with_mask = [{**ex, "attention_mask": [1] * len(ex["input_ids"])} for ex in group]
+        if v.batching == "bs1":
+            return [dict(seq2seq([ex])) for ex in with_mask]
+        if v.batching == "pad4":
+            return [dict(seq2seq(with_mask))]
+        return [dict(flatten(group))]
+
+    def loss_of(batch: dict, n_items: int):
+        if v.loss == "hf":
+            return model(**batch, num_items_in_batch=n_items).loss
+        return compute_sft_loss(model, batch, num_items_in_batch=n_items, mode=v.loss, chunk_size=args.chunk_size)[0]
+
+    check_loss = None
+    if v.end_on_im_end:  # B's loss path on A's exact ids, at the same initial weights
+        group = step_rows(0, a_examples)
+        with torch.no_grad():
+            check_loss = sum(
+                float(loss_of(b, sum(supervised(ex["labels"]) for ex in group))) for b in micro_batches(group)
+            )
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    losses, times, tokens = [], [], []
+    for step in range(args.steps):
+        group = step_rows(step, examples)
+        n_items = sum(supervised(ex["labels"]) for ex in group)
+        start = time.perf_counter()
+        total = 0.0
+        for batch in micro_batches(group):
+            loss = loss_of(batch, n_items)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(total)
+        tokens.append(n_items)
+    timed = slice(1, None) if args.steps > 1 else slice(None)
+    seconds, sup_tokens = sum(times[timed]), sum(tokens[timed])
+    return {
+        "variant": name,
+        "tok_s": sup_tokens / seconds,
+        "seconds": seconds,
+        "timed_tokens": sup_tokens,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_training_mb": rss_before,
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "check_loss_on_a_ids": check_loss,
+        "params": params,
+        "vocab": vocab,
+        "tokenizer": tok_kind,
+        "rows_source": source,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------- driver (parent process)
+
+
+def child_result(name: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--variant", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"variant {name} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rows", type=int, default=48)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of 4 rows (the first is a warm-up)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=0, help="model vocab size (0: 151,936)")
+    p.add_argument("--variants", default="A,B", help=f"comma-separated, from {','.join(VARIANTS)}; A and B required")
+    p.add_argument("--tiny", action="store_true", help="smoke run: hidden 32, 1 layer, 8 rows, 2 steps, 1 repeat")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = p.parse_args()
+    if args.tiny:
+        args.hidden, args.layers, args.rows, args.steps, args.repeats = 32, 1, 8, 2, 1
+        args.max_length = min(args.max_length, 256)
+
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args.variant, args)), flush=True)
+        return
+
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not {"A", "B"} <= set(names):
+        raise SystemExit(f"--variants: need A and B, known {sorted(VARIANTS)}; got unknown {unknown}")
+    argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+            ("hidden", "layers", "rows", "steps", "max_length", "chunk_size", "vocab")]
+
+    import torch
+
+    from bench.flops import measure_matmul_peak, mfu
+
+    peak = measure_matmul_peak(torch.float32, "cpu")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        for n in names:  # interleaved, so background load hits every variant alike
+            runs[n].append(child_result(n, argv))
+            print(f"  repeat {r + 1}/{args.repeats} {n}: {runs[n][-1]['tok_s']:.1f} tok/s, "
+                  f"{runs[n][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+
+    first = runs["A"][0]
+    print(f"model: Qwen2-shaped hidden {args.hidden}, {args.layers} layers, vocab {first['vocab']:,}, "
+          f"{first['params'] / 1e6:.1f}M trainable params (tied embedding/lm_head counted once); fp32 CPU, "
+          f"{first['threads']} threads, load avg {os.getloadavg()[0]:.1f}")
+    print(f"data: {args.rows} rows from {first['rows_source']} ({first['tokenizer']} tokenizer), max length "
+          f"{args.max_length}, {args.steps} steps x 4 rows (first untimed), median of {args.repeats}")
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; MFU = 6 x all trainable params x supervised tokens / s / peak")
+    header = f"{'variant':<9} {'sup tok/s':>9} {'peak RSS MB':>11} {'GFLOP/s':>8} {'MFU':>6} {'final loss':>10}  about"
+    print(header)
+    print("-" * len(header))
+    medians = {}
+    for n in names:
+        tok_s = statistics.median(x["tok_s"] for x in runs[n])
+        rss = statistics.median(x["peak_rss_mb"] for x in runs[n])
+        medians[n] = (tok_s, rss)
+        gflops = 6 * first["params"] * tok_s / 1e9
+        util = mfu(first["params"], tok_s, 1.0, peak)
+        print(f"{n:<9} {tok_s:>9.1f} {rss:>11.0f} {gflops:>8.1f} {util:>6.1%} {runs[n][0]['final_loss']:>10.4f}  "
+              f"{VARIANTS[n].about}")
+
+    a_loss, b_check = runs["A"][0]["first_loss"], runs["B"][0]["check_loss_on_a_ids"]
+    agree = abs(a_loss - b_check) <= 1e-4 * max(1.0, abs(a_loss))
+    print(f"first-step loss on A's ids: A (HF loss) {a_loss:.6f}, B (compute_sft_loss) {b_check:.6f} -> "
+          f"{'agree' if agree else 'DISAGREE'}")
+    print(f"B/A: peak RSS {medians['B'][1] / medians['A'][1]:.2f}x")
+    print(f"train speedup {medians['B'][0] / medians['A'][0]:.2f}x")
+    if not agree:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

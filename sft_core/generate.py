@@ -1,0 +1,233 @@
+"""Batched generation, `<think>…</think>` answer parsing and generation metrics.
+
+`generate_answers` renders each question with the chat template, sorts the prompts by
+length into left-padded batches (less padding), generates greedily (or with a seeded
+sampler) and returns one `Generation` per question in the input order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sft_core.errors import ConfigError, ModelSourceError
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+IM_END = "<|im_end|>"
+ROUGE_MAX_CHARS = 4000
+_TAG = re.compile(r"</?think>")
+_WS = re.compile(r"\s+")
+
+
+@dataclass
+class ParsedResponse:
+    think: str
+    answer: str
+    format_ok: bool
+
+
+def parse_response(text: str) -> ParsedResponse:
+    """Split a completion into think and answer.
+
+    Text after the first end marker (`<|im_end|>`, `<|endoftext|>`) is dropped. The answer
+    is what follows the *last* `</think>`; the think is what precedes it, stray tags
+    removed (so a missing open tag still yields a think). With no `</think>`, an opened
+    `<think>` makes everything after it think (answer empty), else all of it is answer.
+    `format_ok`: exactly one `<think>` (first, after optional whitespace), exactly one
+    `</think>`, and a non-blank answer.
+    """
+    for marker in END_MARKERS:
+        text = text.split(marker, 1)[0]
+    text = text.lstrip()
+    close = text.rfind(THINK_CLOSE)
+    if close >= 0:
+        think, answer = text[:close], text[close + len(THINK_CLOSE) :]
+    elif THINK_OPEN in text:
+        think, answer = text[text.find(THINK_OPEN) :], ""
+    else:
+        think, answer = "", text
+    ok = (
+        text.startswith(THINK_OPEN)
+        and text.count(THINK_OPEN) == 1
+        and text.count(THINK_CLOSE) == 1
+        and bool(answer.strip())
+    )
+    return ParsedResponse(think=_TAG.sub("", think).strip(), answer=answer.strip(), format_ok=ok)
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of `a` and `b`.
+
+    The O(len(a)*len(b)) LCS dynamic programme computed a whole DP column at a time in
+    the bits of one Python int (Hyyrö's bit-parallel form): exact, ~100x faster than the
+    cell-by-cell loop. Bit i of `v` is 0 where the DP value steps up at row i.
+    """
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, ch in enumerate(a):
+        masks[ch] = masks.get(ch, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for ch in b:
+        u = v & masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l_chars(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over characters, whitespace ignored (Chinese has no word spaces).
+
+    Inputs are capped at `ROUGE_MAX_CHARS` characters each. Both empty -> 1.0.
+    """
+    p, r = _WS.sub("", pred)[:ROUGE_MAX_CHARS], _WS.sub("", ref)[:ROUGE_MAX_CHARS]
+    if not p or not r:
+        return float(p == r)
+    lcs = lcs_length(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class Generation:
+    question: str
+    text: str  # the decoded completion, special tokens stripped
+    think: str
+    answer: str
+    format_ok: bool
+    stopped: bool  # ended on a stop token before max_new_tokens
+    new_tokens: int  # generated tokens, the stop token included
+    reference_answer: str | None = None
+    rouge_l: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """`model.generation_config.eos_token_id` (int or list) plus `<|im_end|>` if known."""
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    im_end = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by prompt length (longest first), cut into batches."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    questions: list[str],
+    *,
+    system_prompt: str,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    references: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """Answer `questions` in length-sorted, left-padded batches; results in input order.
+
+    Greedy by default; `do_sample=True` samples with `temperature`/`top_p`, seeded by
+    `seed` (the global RNG state is restored afterwards). `progress(done, total)` is
+    called after each batch. `stopped`/`new_tokens` come from the first stop id in each
+    row's generated ids (rows that stop early are padded after their stop token).
+    """
+    import torch
+
+    if references is not None and len(references) != len(questions):
+        raise ValueError(f"references has {len(references)} items but questions has {len(questions)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ConfigError(
+            f"eval.generate_batch_size={batch_size} and eval.max_new_tokens={max_new_tokens} must both be >= 1"
+        )
+    stops = stop_token_ids(model, tokenizer)
+    if not stops:
+        raise ModelSourceError(
+            "the model has no stop token: set eos_token_id in its generation_config.json "
+            "(the fine-tune ends on <|im_end|>) or use a tokenizer that has <|im_end|>"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in questions
+    ]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    device = next(model.parameters()).device
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    results: list[Generation | None] = [None] * len(questions)
+    stop_set = set(stops)
+    old_side, was_training = tokenizer.padding_side, model.training
+    tokenizer.padding_side = "left"
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            done = 0
+            for idx in _batches(lengths, batch_size):
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                out = model.generate(**enc, eos_token_id=stops, pad_token_id=pad_id, **gen_kwargs)
+                new = out[:, enc["input_ids"].shape[1] :].tolist()
+                for i, ids in zip(idx, new):
+                    end = next((j for j, t in enumerate(ids) if t in stop_set), None)
+                    kept = ids if end is None else ids[:end]
+                    text = tokenizer.decode(kept, skip_special_tokens=True)
+                    parsed = parse_response(text)
+                    ref = references[i] if references is not None else None
+                    results[i] = Generation(
+                        question=questions[i],
+                        text=text,
+                        think=parsed.think,
+                        answer=parsed.answer,
+                        format_ok=parsed.format_ok,
+                        stopped=end is not None,
+                        new_tokens=len(ids) if end is None else end + 1,
+                        reference_answer=ref,
+                        rouge_l=rouge_l_chars(parsed.answer, ref) if ref is not None else None,
+                    )
+                done += len(idx)
+                if progress is not None:
+                    progress(done, len(questions))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return [g for g in results if g is not None]
+
+
+def generation_metrics(gens: list[Generation]) -> dict[str, float]:
+    """Format adherence, ROUGE-L (NaN when no generation has a reference), stop rate, lengths."""
+    n = len(gens)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "format_ok_rate": mean([float(g.format_ok) for g in gens]),
+        "rouge_l": mean([g.rouge_l for g in gens if g.rouge_l is not None]),
+        "stop_rate": mean([float(g.stopped) for g in gens]),
+        "mean_think_chars": mean([float(len(g.think)) for g in gens]),
+        "mean_answer_chars": mean([float(len(g.answer)) for g in gens]),
+        "mean_new_tokens": mean([float(g.new_tokens) for g in gens]),
+        "num_samples": float(n),
+    }

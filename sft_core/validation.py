@@ -1,0 +1,288 @@
+"""Great Expectations validation of ingested rows, with row-level attribution.
+
+The suite lives in ``expectations/<suite>.json`` (GX 1.x suite JSON). Two of its
+kwargs follow ``validate_rows`` arguments through ``meta``: ``meta.bind`` sets a kwarg
+to an argument (``min_rows``, ``max_field_chars``), ``meta.cap`` lowers it to one.
+``meta.reason`` is the row-level message, with ``{placeholders}`` filled in here.
+
+GX produces the report; the bad rows are GX's own ``unexpected_index_list``s, so the
+report and the attribution agree by construction. The one difference is uniqueness:
+GX flags every copy of a duplicated question, we keep the first and drop the rest.
+Great Expectations is imported lazily (the import costs ~6 s).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sft_core.data import write_jsonl
+from sft_core.errors import ConfigError, DataValidationError
+
+EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
+DOCS_SITE = "qwen_sft"
+MAX_LISTED = 5  # problems spelled out in an error message
+SAMPLE_ROWS = 20  # bad row numbers kept per expectation in the report
+
+
+@dataclass
+class ValidationResult:
+    """Outcome of one validation: ``success`` is False whenever any row or table check failed."""
+
+    success: bool
+    good_rows: list[dict[str, Any]]
+    bad_rows: list[dict[str, Any]]
+    report: dict[str, Any]
+    report_path: Path | None = None
+    docs_path: Path | None = None
+    quarantine_path: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def suite_path(suite: str) -> Path:
+    """``expectations/<suite>.json``, or ``suite`` itself when it is a path to a .json file."""
+    path = Path(suite) if suite.endswith(".json") else EXPECTATIONS_DIR / f"{suite}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in EXPECTATIONS_DIR.glob("*.json"))) or "none"
+        raise ConfigError(f"expectation suite '{suite}' not found at {path} (data.suite; available: {known})")
+    return path
+
+
+def load_suite(suite: str, *, min_rows: int = 10, max_field_chars: int = 20000) -> dict[str, Any]:
+    """The suite as a dict, with ``meta.bind`` / ``meta.cap`` kwargs resolved."""
+    path = suite_path(suite)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
+    params = {"min_rows": min_rows, "max_field_chars": max_field_chars}
+    for exp in spec.get("expectations", []):
+        meta, kwargs = exp.get("meta", {}), exp.setdefault("kwargs", {})
+        for key, name in meta.get("bind", {}).items():
+            kwargs[key] = params[name]
+        for key, name in meta.get("cap", {}).items():
+            kwargs[key] = min(kwargs[key], params[name]) if kwargs.get(key) is not None else params[name]
+    return spec
+
+
+def validate_rows(
+    rows: list[dict[str, Any]],
+    *,
+    source_name: str,
+    suite: str = "delicate_medical_r1",
+    policy: Literal["fail", "quarantine"] = "fail",
+    out_dir: Path | None = None,
+    min_rows: int = 10,
+    max_field_chars: int = 20000,
+    row_numbers: list[int] | None = None,
+    data_docs: bool = True,
+) -> ValidationResult:
+    """Validate ``rows`` against the suite; write the report, Data Docs and quarantine into ``out_dir``.
+
+    ``policy="fail"`` raises DataValidationError on any bad row; ``"quarantine"`` drops bad
+    rows (with reasons, to ``out_dir/quarantine.jsonl``) and keeps the rest. Table-level
+    failures (too few rows, a missing column) raise under both policies, and so does a
+    quarantine that leaves fewer than ``min_rows``. ``data_docs=False`` skips the HTML
+    (about 1 s of template rendering) but still writes the JSON report.
+    """
+    numbers = list(range(1, len(rows) + 1)) if row_numbers is None else list(row_numbers)
+    if len(numbers) != len(rows):
+        raise ValueError(f"row_numbers has {len(numbers)} entries for {len(rows)} rows")
+    spec = load_suite(suite, min_rows=min_rows, max_field_chars=max_field_chars)
+    columns = list(dict.fromkeys(e["kwargs"]["column"] for e in spec["expectations"] if "column" in e["kwargs"]))
+    out_dir = Path(out_dir) if out_dir is not None else None
+    gx_result, docs_path = _run_gx(spec, rows, columns, source_name, out_dir if data_docs else None)
+
+    row_problems, table_problems, summary = _attribute(gx_result, rows, numbers)
+    bad_pos = sorted(row_problems)
+    bad_rows = [
+        {"row": numbers[p], "column": row_problems[p][0][0], "reason": row_problems[p][0][1],
+         "problems": [{"column": c, "reason": r} for c, r in row_problems[p]], "data": rows[p]}
+        for p in bad_pos
+    ]
+    bad_set = set(bad_pos)
+    good_rows = [r for p, r in enumerate(rows) if p not in bad_set]
+    messages = table_problems + [f"row {b['row']} column '{c}' {r}" for b in bad_rows for c, r in
+                                 ((x["column"], x["reason"]) for x in b["problems"])]
+
+    quarantine_path = None
+    if policy == "quarantine" and bad_rows and out_dir is not None and not table_problems:
+        quarantine_path = write_jsonl(bad_rows, out_dir / "quarantine.jsonl")
+    report = {
+        "suite": spec.get("name", suite),
+        "source": source_name,
+        "policy": policy,
+        "success": bool(gx_result["success"]) and not messages,
+        "gx_version": _gx().__version__,
+        "rows": {"total": len(rows), "good": len(good_rows), "bad": len(bad_rows)},
+        "statistics": gx_result.get("statistics", {}),
+        "expectations": summary,
+        "table_problems": table_problems,
+        "bad_rows": [{"row": b["row"], "problems": b["problems"]} for b in bad_rows[:200]],
+        "quarantine_path": str(quarantine_path) if quarantine_path else None,
+        "data_docs": str(docs_path) if docs_path else None,
+    }
+    report_path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report_path = out_dir / "validation_report.json"
+        report_path.write_text(json.dumps(report, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    result = ValidationResult(
+        success=report["success"], good_rows=good_rows, bad_rows=bad_rows, report=report,
+        report_path=report_path, docs_path=docs_path, quarantine_path=quarantine_path, problems=messages,
+    )
+
+    where = f" (report: {report_path})" if report_path else ""
+    if table_problems:
+        also = f" (and {len(bad_rows)} bad rows)" if bad_rows else ""
+        raise _error(f"{source_name}: {_listing(table_problems)}{also}{where}", result)
+    if bad_rows and policy == "fail":
+        raise _error(
+            f"{source_name}: {_plural(len(bad_rows))} validation: {_listing(messages)} "
+            f"(policy=quarantine drops them){where}",
+            result,
+        )
+    if len(good_rows) < min_rows:
+        raise _error(
+            f"{source_name}: only {len(good_rows)} of {len(rows)} rows pass validation, "
+            f"need at least {min_rows} (data.min_rows){where}",
+            result,
+        )
+    return result
+
+
+# -- GX -------------------------------------------------------------------------------
+
+
+def _gx() -> Any:
+    import great_expectations as gx
+
+    return gx
+
+
+def _run_gx(
+    spec: dict[str, Any], rows: list[dict[str, Any]], columns: list[str], source_name: str, docs_parent: Path | None
+) -> tuple[dict[str, Any], Path | None]:
+    """Run the suite on a dataframe of ``columns`` in an ephemeral context; Data Docs into ``docs_parent``."""
+    import pandas as pd
+
+    gx = _gx()
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    present = [c for c in columns if any(c in r for r in rows)]
+    # object dtype keeps type checks per value (a number in a column of strings is one bad row)
+    df = pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in present}, index=range(len(rows)))
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    for site in list(ctx.get_site_names()):
+        ctx.delete_data_docs_site(site)
+    suite = ctx.suites.add(gx.ExpectationSuite(name=spec.get("name", "suite"), expectations=spec["expectations"],
+                                               meta=spec.get("meta", {})))
+    batch = ctx.data_sources.add_pandas("ingested").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="validate", data=batch, suite=suite))
+    params = {"dataframe": df}
+    if docs_parent is None:
+        return vd.run(batch_parameters=params, result_format="COMPLETE").to_json_dict(), None
+
+    docs_dir = docs_parent / "data_docs"
+    ctx.add_data_docs_site(DOCS_SITE, {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[vd], result_format={"result_format": "COMPLETE"},
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
+    ))
+    run_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source_name).name)[:80] or "rows"
+    cp_result = checkpoint.run(batch_parameters=params, run_id=RunIdentifier(run_name=run_name))
+    (suite_result,) = cp_result.run_results.values()
+    return suite_result.to_json_dict(), docs_dir / "index.html"
+
+
+# -- attribution ----------------------------------------------------------------------
+
+
+def _attribute(
+    gx_result: dict[str, Any], rows: list[dict[str, Any]], numbers: list[int]
+) -> tuple[dict[int, list[tuple[str, str]]], list[str], list[dict[str, Any]]]:
+    """GX results -> (problems per row position, table-level problems, per-expectation summary)."""
+    per_row: dict[int, list[tuple[str, str]]] = {}
+    table: list[str] = []
+    summary: list[dict[str, Any]] = []
+    missing = {
+        r["expectation_config"]["kwargs"]["column"]
+        for r in gx_result["results"]
+        if r["expectation_config"]["type"] == "expect_column_to_exist" and not r["success"]
+    }
+    for res in gx_result["results"]:
+        cfg, out = res["expectation_config"], res.get("result") or {}
+        typ, kwargs, meta = cfg["type"], cfg.get("kwargs", {}), cfg.get("meta") or {}
+        col = kwargs.get("column")
+        index = out.get("unexpected_index_list")
+        summary.append({
+            "type": typ,
+            "column": col,
+            "success": bool(res["success"]),
+            "unexpected_count": out.get("unexpected_count", 0 if res["success"] else None),
+            "unexpected_rows": [numbers[i] for i in (index or [])[:SAMPLE_ROWS]],
+            "observed_value": out.get("observed_value"),
+            "kwargs": {k: v for k, v in kwargs.items() if k not in ("column", "batch_id")},
+        })
+        if res["success"]:
+            continue
+        template = meta.get("reason", typ)
+        if typ == "expect_column_to_exist":
+            table.append(f"column '{col}' is missing")
+        elif col in missing:
+            continue  # every check on a missing column fails; the one above says why
+        elif index is None:
+            exc = (res.get("exception_info") or {}).get("exception_message")
+            fill = {"observed": out.get("observed_value"), **kwargs}
+            text = f"{typ} raised {exc}" if exc else _fill(template, fill)
+            table.append(f"column '{col}' {text}" if col else text)
+        elif typ == "expect_column_values_to_be_unique":
+            first: dict[str, int] = {}
+            for pos in sorted(index):
+                value = rows[pos].get(col)
+                key = value if isinstance(value, str) else repr(value)
+                if key in first:
+                    per_row.setdefault(pos, []).append((col, _fill(template, {"first_row": numbers[first[key]]})))
+                else:
+                    first[key] = pos
+        else:
+            for pos in index:
+                value = rows[pos].get(col)
+                fill = {**kwargs, "type": type(value).__name__,
+                        "length": len(value) if isinstance(value, str) else "?"}
+                per_row.setdefault(pos, []).append((col, _fill(template, fill)))
+    return per_row, table, summary
+
+
+def _fill(template: str, values: dict[str, Any]) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError):
+        return template
+
+
+def _plural(n: int) -> str:
+    return f"{n} row fails" if n == 1 else f"{n} rows fail"
+
+
+def _listing(messages: list[str]) -> str:
+    shown = "; ".join(messages[:MAX_LISTED])
+    more = len(messages) - MAX_LISTED
+    return f"{shown}; and {more} more" if more > 0 else shown
+
+
+def _error(message: str, result: ValidationResult) -> DataValidationError:
+    err = DataValidationError(" ".join(message.split()))
+    err.result = result  # type: ignore[attr-defined]
+    return err

@@ -1,0 +1,57 @@
+"""Shared fixtures: quiet offline env, a tiny model, the real Qwen2.5 tokenizer when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+REAL_ROWS = SHARED / "data" / "delicate_medical_r1_sample.jsonl"
+QWEN_TOKENIZER = SHARED / "qwen2.5-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Qwen2 with the real Qwen2.5 tokenizer when available, else the BPE fallback."""
+    from sft_core.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    if not (QWEN_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("the real Qwen2.5 tokenizer is not in ../shared on this machine")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def real_rows() -> list[dict]:
+    if not REAL_ROWS.exists():
+        pytest.skip("../shared/data has no real dataset sample on this machine")
+    import json
+
+    return [json.loads(x) for x in REAL_ROWS.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (its start costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,51 @@
+"""Split: `shuffle` is the tutorial's exact order; `hash` keeps old rows on their side as data grows."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from sft_core.data import BUNDLED_SAMPLE
+from sft_core.split import split_rows
+
+
+def _bundled() -> list[dict]:
+    return [json.loads(x) for x in BUNDLED_SAMPLE.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _tutorial_split(rows):
+    data_list = list(rows)
+    random.seed(42)
+    random.shuffle(data_list)
+    split_idx = int(len(data_list) * 0.9)
+    return data_list[:split_idx], data_list[split_idx:]
+
+
+def test_shuffle_reproduces_the_tutorial_on_real_rows(real_rows):
+    train, val = split_rows(real_rows, method="shuffle", train_fraction=0.9, seed=42)
+    exp_train, exp_val = _tutorial_split(real_rows)
+    assert train == exp_train and val == exp_val
+    assert len(train) == int(len(real_rows) * 0.9)
+
+
+def test_shuffle_reproduces_the_tutorial_on_the_bundled_sample():
+    rows = _bundled()
+    assert split_rows(rows) == _tutorial_split(rows)
+    assert rows == _bundled(), "input must not be mutated"
+
+
+def test_hash_split_is_stable_when_rows_are_appended():
+    rows = _bundled()
+    old_train, old_val = split_rows(rows[:30], method="hash")
+    new_train, new_val = split_rows(rows, method="hash")
+    q = lambda rs: {r["question"] for r in rs}  # noqa: E731
+    assert q(old_train) <= q(new_train) and q(old_val) <= q(new_val)
+    assert 0.6 < len(new_train) / len(rows) < 1.0
+
+
+def test_hash_split_on_real_rows_keeps_sides(real_rows):
+    half = len(real_rows) // 2
+    a_train, a_val = split_rows(real_rows[:half], method="hash")
+    b_train, b_val = split_rows(real_rows, method="hash")
+    ids = lambda rs: [r["question"] for r in rs]  # noqa: E731
+    assert set(ids(a_train)) <= set(ids(b_train)) and set(ids(a_val)) <= set(ids(b_val))
