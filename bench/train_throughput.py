@@ -203,11 +203,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
             )
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    losses, times, tokens = [], [], []
+    losses, times, cpu_times, tokens = [], [], [], []
     for step in range(args.steps):
         group = step_rows(step, examples)
         n_items = sum(supervised(ex["labels"]) for ex in group)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         total = 0.0
         for batch in micro_batches(group):
             loss = loss_of(batch, n_items)
@@ -218,6 +218,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         losses.append(total)
         tokens.append(n_items)
     timed = slice(1, None) if args.steps > 1 else slice(None)
@@ -226,6 +227,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         "variant": name,
         "tok_s": sup_tokens / seconds,
         "seconds": seconds,
+        # CPU seconds per thread: less sensitive than wall time to other jobs on the machine
+        "tok_cpu_s": sup_tokens / (sum(cpu_times[timed]) / torch.get_num_threads()),
         "timed_tokens": sup_tokens,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_training_mb": rss_before,
@@ -300,25 +303,29 @@ def main() -> None:
           f"{first['threads']} threads, load avg {os.getloadavg()[0]:.1f}")
     print(f"data: {args.rows} rows from {first['rows_source']} ({first['tokenizer']} tokenizer), max length "
           f"{args.max_length}, {args.steps} steps x 4 rows (first untimed), median of {args.repeats}")
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; MFU = 6 x all trainable params x supervised tokens / s / peak")
-    header = f"{'variant':<9} {'sup tok/s':>9} {'peak RSS MB':>11} {'GFLOP/s':>8} {'MFU':>6} {'final loss':>10}  about"
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; MFU = 6 x all trainable params x supervised tokens / s / peak;"
+          " tok/cpu-s = supervised tokens per CPU-second per thread (robust to other jobs)")
+    header = (f"{'variant':<9} {'sup tok/s':>9} {'tok/cpu-s':>9} {'peak RSS MB':>11} {'GFLOP/s':>8} {'MFU':>6} "
+              f"{'final loss':>10}  about")
     print(header)
     print("-" * len(header))
     medians = {}
     for n in names:
         tok_s = statistics.median(x["tok_s"] for x in runs[n])
         rss = statistics.median(x["peak_rss_mb"] for x in runs[n])
-        medians[n] = (tok_s, rss)
+        tok_cpu_s = statistics.median(x["tok_cpu_s"] for x in runs[n])
+        medians[n] = (tok_s, rss, tok_cpu_s)
         gflops = 6 * first["params"] * tok_s / 1e9
         util = mfu(first["params"], tok_s, 1.0, peak)
-        print(f"{n:<9} {tok_s:>9.1f} {rss:>11.0f} {gflops:>8.1f} {util:>6.1%} {runs[n][0]['final_loss']:>10.4f}  "
+        print(f"{n:<9} {tok_s:>9.1f} {tok_cpu_s:>9.1f} {rss:>11.0f} {gflops:>8.1f} {util:>6.1%} {runs[n][0]['final_loss']:>10.4f}  "
               f"{VARIANTS[n].about}")
 
     a_loss, b_check = runs["A"][0]["first_loss"], runs["B"][0]["check_loss_on_a_ids"]
     agree = abs(a_loss - b_check) <= 1e-4 * max(1.0, abs(a_loss))
     print(f"first-step loss on A's ids: A (HF loss) {a_loss:.6f}, B (compute_sft_loss) {b_check:.6f} -> "
           f"{'agree' if agree else 'DISAGREE'}")
-    print(f"B/A: peak RSS {medians['B'][1] / medians['A'][1]:.2f}x")
+    print(f"B/A: peak RSS {medians['B'][1] / medians['A'][1]:.2f}x; tok per CPU-second (per thread) "
+          f"{medians['B'][2] / medians['A'][2]:.2f}x")
     print(f"train speedup {medians['B'][0] / medians['A'][0]:.2f}x")
     if not agree:
         raise SystemExit(1)

@@ -52,7 +52,7 @@ class StageTimer:
         return result
 
 
-@flow(name="finetune", flow_run_name=_run_name, log_prints=True, persist_result=True)
+@flow(name="finetune", flow_run_name=_run_name, persist_result=True)
 def finetune(config: dict, refresh: bool = False) -> dict:
     """Fine-tune, evaluate, and register a candidate for one resolved config."""
     log = get_run_logger()
@@ -67,7 +67,7 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     try:
         valid = step("validate", data_tasks.validate, cfg, raw, stages.stage_dir(cfg, "validate", stages.validate_key(cfg, raw)), refresh=refresh)
         splits = step("split", data_tasks.split, cfg, valid, stages.stage_dir(cfg, "split", stages.split_key(cfg, valid)), refresh=refresh)
-        model_dir = step("base-model", model.base_model, cfg)
+        model_dir = step("base-model", model.base_model, cfg)["model_dir"]
         tok_key = stages.tokenize_key(cfg, splits)
         tokens = step("tokenize", data_tasks.tokenize, cfg, splits, model_dir, stages.stage_dir(cfg, "tokenize", tok_key), refresh=refresh)
         registry.track_data(cfg, run_id, raw, valid, splits, tokens)

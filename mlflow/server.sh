@@ -19,7 +19,8 @@
 #             (admin); MLFLOW_AUTH_DATABASE_URI (sqlite:///$MLFLOW_HOME/basic_auth.db);
 #             MLFLOW_FLASK_SERVER_SECRET_KEY (CSRF key; random per start when unset).
 #             Needs `pip install 'mlflow[auth]'` (Flask-WTF).
-# Always: MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_WORKERS (mlflow's default).
+# Always: MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_WORKERS (mlflow's default),
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION (false: no GenAI job runner).
 # Secrets come from the environment only; the rendered auth config (mode 600) is the only
 # file that may hold one (a password inside MLFLOW_AUTH_DATABASE_URI).
 set -euo pipefail
@@ -42,6 +43,8 @@ while (($#)); do
 done
 
 export MLFLOW_DISABLE_TELEMETRY=true
+# MLflow's GenAI job runner (scorers, trace rollups) adds ~8 processes this pipeline never uses.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 python="${PYTHON:-python3}"
 home="$(mkdir -p "${MLFLOW_HOME:-.mlflow-server}" && cd "${MLFLOW_HOME:-.mlflow-server}" && pwd)"
 

@@ -86,6 +86,8 @@ def load_rows(
             raise DataSourceError(f"{path}: is a directory; data.source must name a {'/'.join(LOCAL_SUFFIXES)} file")
         location = str(path)
         rows, numbers = _read_local(path)
+    if not rows:
+        raise DataFormatError(f"{location}: the dataset has no rows")
     renamed, extra = normalise_columns(rows, location, numbers)
     return LoadedData(rows=renamed, source=source, location=location, extra_columns=extra, row_numbers=numbers)
 
@@ -95,7 +97,7 @@ def dataset_digest(rows: Iterable[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for row in rows:
         canon = {c: row.get(c) for c in REQUIRED_COLUMNS}
-        h.update(json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        h.update(json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
 
@@ -381,9 +383,8 @@ def normalise_columns(
             canon = str(key).strip().lower()
             if canon in REQUIRED_COLUMNS:
                 if canon in new:
-                    raise DataFormatError(
-                        f"{location}: {unit} {number}: two columns map to '{canon}' ({', '.join(repr(k) for k in row if str(k).strip().lower() == canon)})"
-                    )
+                    names = ", ".join(repr(k) for k in row if str(k).strip().lower() == canon)
+                    raise DataFormatError(f"{location}: {unit} {number}: two columns map to '{canon}' ({names})")
                 new[canon] = value
                 present.add(canon)
             else:

@@ -113,8 +113,8 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """`model.generation_config.eos_token_id` (int or list) plus `<|im_end|>` if known."""
     eos = model.generation_config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    im_end = tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None
-    if im_end is not None and im_end not in ids:
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
         ids.append(im_end)
     return ids
 
@@ -155,6 +155,8 @@ def generate_answers(
         raise ConfigError(
             f"eval.generate_batch_size={batch_size} and eval.max_new_tokens={max_new_tokens} must both be >= 1"
         )
+    if not questions:
+        return []
     stops = stop_token_ids(model, tokenizer)
     if not stops:
         raise ModelSourceError(
@@ -177,35 +179,21 @@ def generate_answers(
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     results: list[Generation | None] = [None] * len(questions)
     stop_set = set(stops)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
     old_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()
     try:
-        with torch.inference_mode(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
             done = 0
             for idx in _batches(lengths, batch_size):
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, eos_token_id=stops, pad_token_id=pad_id, **gen_kwargs)
-                new = out[:, enc["input_ids"].shape[1] :].tolist()
-                for i, ids in zip(idx, new):
-                    end = next((j for j, t in enumerate(ids) if t in stop_set), None)
-                    kept = ids if end is None else ids[:end]
-                    text = tokenizer.decode(kept, skip_special_tokens=True)
-                    parsed = parse_response(text)
+                for i, ids in zip(idx, out[:, enc["input_ids"].shape[1] :].tolist()):
                     ref = references[i] if references is not None else None
-                    results[i] = Generation(
-                        question=questions[i],
-                        text=text,
-                        think=parsed.think,
-                        answer=parsed.answer,
-                        format_ok=parsed.format_ok,
-                        stopped=end is not None,
-                        new_tokens=len(ids) if end is None else end + 1,
-                        reference_answer=ref,
-                        rouge_l=rouge_l_chars(parsed.answer, ref) if ref is not None else None,
-                    )
+                    results[i] = _to_generation(tokenizer, questions[i], ids, stop_set, ref)
                 done += len(idx)
                 if progress is not None:
                     progress(done, len(questions))
@@ -213,6 +201,24 @@ def generate_answers(
         tokenizer.padding_side = old_side
         model.train(was_training)
     return [g for g in results if g is not None]
+
+
+def _to_generation(tokenizer: Any, question: str, ids: list[int], stops: set[int], ref: str | None) -> Generation:
+    """One row of generated ids -> Generation; the row ends at its first stop id (pads follow it)."""
+    end = next((j for j, t in enumerate(ids) if t in stops), None)
+    text = tokenizer.decode(ids if end is None else ids[:end], skip_special_tokens=True)
+    parsed = parse_response(text)
+    return Generation(
+        question=question,
+        text=text,
+        think=parsed.think,
+        answer=parsed.answer,
+        format_ok=parsed.format_ok,
+        stopped=end is not None,
+        new_tokens=len(ids) if end is None else end + 1,
+        reference_answer=ref,
+        rouge_l=rouge_l_chars(parsed.answer, ref) if ref is not None else None,
+    )
 
 
 def generation_metrics(gens: list[Generation]) -> dict[str, float]:

@@ -42,6 +42,15 @@ def model_cache_key(cfg: ModelConfig) -> str:
     return stable_hash({"source": cfg.source, "revision": cfg.revision, "tiny": cfg.tiny.model_dump()})
 
 
+def model_is_local(cfg: ModelConfig, workdir: str | Path) -> bool:
+    """True when `resolve_model_dir` will not build or download anything."""
+    if cfg.source.startswith("tiny://"):
+        return (Path(workdir) / "models" / f"tiny-{model_cache_key(cfg)}" / "config.json").exists()
+    if cfg.source.startswith(("modelscope://", "hf://")):
+        return False
+    return True
+
+
 def resolve_model_dir(cfg: ModelConfig, workdir: str | Path) -> Path:
     """Return a local folder holding config + safetensors + tokenizer for `cfg.source`."""
     source = cfg.source

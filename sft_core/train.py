@@ -124,7 +124,7 @@ def make_trainer_class():
             loss, stats = compute_sft_loss(model, inputs, num_items_in_batch=num_items_in_batch, mode=self.loss_mode)
             if model.training:
                 self._supervised_tokens += int(stats["num_tokens"])
-            return (loss, None) if return_outputs else loss
+            return (loss, {}) if return_outputs else loss  # no logits: eval is prediction_loss_only
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs:  # a training log line: attach supervised tokens/s since the last one

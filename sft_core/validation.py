@@ -97,16 +97,15 @@ def validate_rows(
     gx_result, docs_path = _run_gx(spec, rows, columns, source_name, out_dir if data_docs else None)
 
     row_problems, table_problems, summary = _attribute(gx_result, rows, numbers)
-    bad_pos = sorted(row_problems)
     bad_rows = [
-        {"row": numbers[p], "column": row_problems[p][0][0], "reason": row_problems[p][0][1],
-         "problems": [{"column": c, "reason": r} for c, r in row_problems[p]], "data": rows[p]}
-        for p in bad_pos
+        {"row": numbers[pos], "column": found[0][0], "reason": found[0][1],
+         "problems": [{"column": c, "reason": r} for c, r in found], "data": rows[pos]}
+        for pos, found in sorted(row_problems.items())
     ]
-    bad_set = set(bad_pos)
-    good_rows = [r for p, r in enumerate(rows) if p not in bad_set]
-    messages = table_problems + [f"row {b['row']} column '{c}' {r}" for b in bad_rows for c, r in
-                                 ((x["column"], x["reason"]) for x in b["problems"])]
+    good_rows = [r for pos, r in enumerate(rows) if pos not in row_problems]
+    messages = table_problems + [
+        f"row {b['row']} column '{p['column']}' {p['reason']}" for b in bad_rows for p in b["problems"]
+    ]
 
     quarantine_path = None
     if policy == "quarantine" and bad_rows and out_dir is not None and not table_problems:
@@ -134,24 +133,30 @@ def validate_rows(
         success=report["success"], good_rows=good_rows, bad_rows=bad_rows, report=report,
         report_path=report_path, docs_path=docs_path, quarantine_path=quarantine_path, problems=messages,
     )
-
-    where = f" (report: {report_path})" if report_path else ""
-    if table_problems:
-        also = f" (and {len(bad_rows)} bad rows)" if bad_rows else ""
-        raise _error(f"{source_name}: {_listing(table_problems)}{also}{where}", result)
-    if bad_rows and policy == "fail":
-        raise _error(
-            f"{source_name}: {_plural(len(bad_rows))} validation: {_listing(messages)} "
-            f"(policy=quarantine drops them){where}",
-            result,
-        )
-    if len(good_rows) < min_rows:
-        raise _error(
-            f"{source_name}: only {len(good_rows)} of {len(rows)} rows pass validation, "
-            f"need at least {min_rows} (data.min_rows){where}",
-            result,
-        )
+    _raise_if_failed(result, table_problems, source_name=source_name, policy=policy, min_rows=min_rows)
     return result
+
+
+def _raise_if_failed(
+    result: ValidationResult, table_problems: list[str], *, source_name: str, policy: str, min_rows: int
+) -> None:
+    """One-line DataValidationError naming the source, the first bad rows and what is wrong."""
+    where = f" (report: {result.report_path})" if result.report_path else ""
+    n_bad, n_good = len(result.bad_rows), len(result.good_rows)
+    if table_problems:
+        also = f" (and {_plural(n_bad)} row checks)" if n_bad else ""
+        message = f"{source_name}: {_listing(table_problems)}{also}{where}"
+    elif n_bad and policy == "fail":
+        message = (f"{source_name}: {_plural(n_bad)} validation: {_listing(result.problems)} "
+                   f"(policy=quarantine drops them){where}")
+    elif n_good < min_rows:
+        message = (f"{source_name}: only {n_good} of {n_good + n_bad} rows pass validation, "
+                   f"need at least {min_rows} (data.min_rows){where}")
+    else:
+        return
+    err = DataValidationError(" ".join(message.split()))
+    err.result = result  # type: ignore[attr-defined]  # callers may read the report of a failed run
+    raise err
 
 
 # -- GX -------------------------------------------------------------------------------
@@ -183,7 +188,8 @@ def _run_gx(
         ctx.delete_data_docs_site(site)
     suite = ctx.suites.add(gx.ExpectationSuite(name=spec.get("name", "suite"), expectations=spec["expectations"],
                                                meta=spec.get("meta", {})))
-    batch = ctx.data_sources.add_pandas("ingested").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
+    asset = ctx.data_sources.add_pandas("ingested").add_dataframe_asset("rows")
+    batch = asset.add_batch_definition_whole_dataframe("all")
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="validate", data=batch, suite=suite))
     params = {"dataframe": df}
     if docs_parent is None:
@@ -280,9 +286,3 @@ def _listing(messages: list[str]) -> str:
     shown = "; ".join(messages[:MAX_LISTED])
     more = len(messages) - MAX_LISTED
     return f"{shown}; and {more} more" if more > 0 else shown
-
-
-def _error(message: str, result: ValidationResult) -> DataValidationError:
-    err = DataValidationError(" ".join(message.split()))
-    err.result = result  # type: ignore[attr-defined]
-    return err

@@ -5,10 +5,11 @@ from __future__ import annotations
 from prefect import task
 
 from sft_core.config import PipelineConfig
-from sft_core.modeling import resolve_model_dir
+from sft_core.modeling import model_is_local, resolve_model_dir
 
 
 @task(name="base-model", retries=2, retry_delay_seconds=[10, 60])
-def base_model(cfg: PipelineConfig) -> str:
+def base_model(cfg: PipelineConfig) -> dict:
     """A local folder with the base model's safetensors and tokenizer (downloads are cached)."""
-    return str(resolve_model_dir(cfg.model, cfg.workdir_path))
+    reused = model_is_local(cfg.model, cfg.workdir_path)
+    return {"model_dir": str(resolve_model_dir(cfg.model, cfg.workdir_path)), "reused": reused}

@@ -32,16 +32,19 @@ def track_data(cfg: PipelineConfig, run_id: str, raw: dict, valid: dict, splits:
 @task(name="track-training")
 def track_training(cfg: PipelineConfig, run_id: str, trained: dict) -> None:
     """Per-step curves (re-sent if an outage lost any), loss-curve PNG, checkpoints."""
+    from pathlib import Path
+
+    marker = f"{trained['folder']}:{Path(trained['metrics_file']).stat().st_size}"
+    if tracking.tag_value(cfg, run_id, "qwen_sft.logged.train") == marker:
+        return
     sent = tracking.sync_training_metrics(cfg, run_id, trained["metrics_file"])
     if sent:
-        get_run_logger().info("re-sent %d training metric points to MLflow", sent)
-    if tracking.tag_value(cfg, run_id, "qwen_sft.logged.train") == trained["folder"]:
-        return
+        get_run_logger().info("sent %d training metric points to MLflow that the live logger had not", sent)
     tracking.log_loss_curve(cfg, run_id, trained["metrics_file"])
     tracking.log_checkpoints(cfg, run_id, trained)
     tracking.log_metrics(cfg, run_id, {"train/final_loss": trained["train_loss"], "train/global_step": trained["global_step"],
                                        "train/seconds": trained["seconds"]})
-    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.train": trained["folder"]})
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.train": marker})
 
 
 @task(name="track-evaluation")
@@ -53,10 +56,14 @@ def track_evaluation(cfg: PipelineConfig, run_id: str, evaluated: dict, generate
                **{f"gen/{k}": v for k, v in g.items()}}
     if base:
         metrics.update({f"base/gen/{k}": v for k, v in base["metrics"].items()})
+    marker = generated["folder"] + (base["folder"] if base else "")
+    if tracking.tag_value(cfg, run_id, "qwen_sft.logged.eval") == marker:
+        return metrics
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     tracking.log_predictions(cfg, run_id, generated["predictions"])
     if base:
         tracking.log_predictions(cfg, run_id, base["predictions"], artifact_file="base_predictions.json")
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.eval": marker})
     return metrics
 
 

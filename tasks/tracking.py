@@ -7,7 +7,9 @@ training is buffered and retried, so a tracking outage never stops training.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import importlib
 import json
 import os
 import subprocess
@@ -117,8 +119,7 @@ def start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: 
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
-        for k, v in tags.items():
-            c.set_tag(run_id, k, v)
+        set_tags(cfg, run_id, tags)
         return run_id, True
     run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
     return run.info.run_id, False
@@ -345,6 +346,29 @@ def serving_prompt_template(cfg: PipelineConfig, model_dir: str) -> str:
     return render_prompt(load_tokenizer(model_dir), "{prompt}", cfg.data.system_prompt)
 
 
+@contextlib.contextmanager
+def _transformers5_task_impl_compat():
+    """MLflow 3.17 logs a local checkpoint by reading `check_task(task)[1]["impl"].__name__`;
+    transformers 5 stores that impl as a dotted string. Resolve it to the class for the call."""
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task):
+        normalized, targeted, options = original(task)
+        impl = targeted.get("impl")
+        if isinstance(impl, str):
+            module, _, name = impl.rpartition(".")
+            targeted = {**targeted, "impl": getattr(importlib.import_module(module), name)}
+        return normalized, targeted, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
+
+
 def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
     """Log the final model from its folder with the transformers flavor; returns the model URI."""
     import mlflow
@@ -357,7 +381,7 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
     if existing:
         return existing[0].model_uri
     signature = infer_signature(["问题"], ["<think>…</think>\n\n回答"], params={"max_new_tokens": cfg.eval.max_new_tokens})
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), _transformers5_task_impl_compat():
         info = mlflow.transformers.log_model(
             transformers_model=str(model_dir),
             name="model",
@@ -387,7 +411,8 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
         version = found[0]
     else:
         tags = {"run_id": run_id, "train_key": train_key, **{k.replace("/", "_"): f"{v:.6g}" for k, v in metrics.items()}}
-        version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+        model_id = model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None
+        version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
         _wait_ready(c, name, version.version)
     c.set_registered_model_alias(name, "candidate", version.version)
     return {"name": name, "version": int(version.version), "alias": "candidate", "reused": bool(found)}

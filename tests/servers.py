@@ -73,14 +73,15 @@ def with_driver(url: str, driver: str) -> str:
     return f"postgresql+{driver}://{rest}"
 
 
-def _pg_admin_connection():
+def pg_connect(dbname: str = PG_ADMIN_DB):
+    """An autocommit psycopg2 connection to `dbname` on the test server; close it yourself."""
     import psycopg2
 
     try:
-        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=PG_ADMIN_DB, connect_timeout=10)
+        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname, connect_timeout=10)
     except psycopg2.OperationalError as e:
         raise RuntimeError(
-            f"PostgreSQL not reachable as {PG_USER}@{PG_HOST}:{PG_PORT}/{PG_ADMIN_DB} ({e}). "
+            f"PostgreSQL not reachable as {PG_USER}@{PG_HOST}:{PG_PORT}/{dbname} ({e}). "
             "Start it, or set TEST_POSTGRES_HOST/PORT/USER/ADMIN_DB."
         ) from e
     conn.autocommit = True
@@ -90,7 +91,7 @@ def _pg_admin_connection():
 def postgres_available() -> bool:
     """Whether the test PostgreSQL server accepts connections (for `skipif`)."""
     try:
-        _pg_admin_connection().close()
+        pg_connect().close()
         return True
     except RuntimeError:
         return False
@@ -100,7 +101,7 @@ def postgres_available() -> bool:
 def postgres_database(prefix: str = "test") -> Iterator[str]:
     """Create a uniquely named database; yield its `postgresql+psycopg2://` URL; drop it at exit."""
     name = re.sub(r"[^a-z0-9_]", "_", f"{prefix}_{uuid.uuid4().hex[:12]}".lower())
-    conn = _pg_admin_connection()
+    conn = pg_connect()
     try:
         with conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
@@ -141,6 +142,7 @@ class ServerProcess:
     cwd: Path
     timeout: float = 120.0
     stop_grace: float = 20.0
+    home: Path | None = None  # the server's state folder (stores, rendered config)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -209,6 +211,7 @@ class ServerProcess:
 class MlflowServer(ServerProcess):
     username: str | None = None
     password: str | None = None
+    database_url: str | None = None  # PostgreSQL backend, when there is one
 
     def client_env(self) -> dict[str, str]:
         """Environment a client needs to reach this server (tracking URI, credentials)."""
@@ -269,7 +272,7 @@ def mlflow_server(
     url = f"http://127.0.0.1:{port}"
     server = MlflowServer(name="mlflow", argv=argv, env=env, url=url, health_url=f"{url}/health",
                           log_path=Path(tmp_path) / f"mlflow-{port}.log", cwd=Path(tmp_path), timeout=timeout,
-                          username=username, password=password)
+                          home=home, username=username, password=password, database_url=database_url)
     with _running(server):
         yield server
 
@@ -293,6 +296,7 @@ def prefect_server(
     server = PrefectServer(name="prefect", argv=[str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                                  "--port", str(port)],
                            env=env, url=url, health_url=f"{url}/api/health",
-                           log_path=Path(tmp_path) / f"prefect-{port}.log", cwd=Path(tmp_path), timeout=timeout)
+                           log_path=Path(tmp_path) / f"prefect-{port}.log", cwd=Path(tmp_path), timeout=timeout,
+                           home=home)
     with _running(server):
         yield server

@@ -148,7 +148,8 @@ def test_column_names_are_normalised_and_extras_kept_aside(tmp_path: Path, sampl
 def test_row_missing_a_key_gets_none_and_row_numbers_skip_blank_lines(tmp_path: Path, sample):
     path = tmp_path / "gaps.jsonl"
     rows = [sample[0], {k: v for k, v in sample[1].items() if k != "think"}, sample[2]]
-    text = json.dumps(rows[0], ensure_ascii=False) + "\n\n" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[1:])
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    text = lines[0] + "\n\n" + "\n".join(lines[1:])
     path.write_text(text, encoding="utf-8")  # no trailing newline: a complete last line is not "truncated"
     loaded = load_rows(str(path))
     assert loaded.row_numbers == [1, 3, 4]

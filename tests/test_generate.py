@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -156,6 +157,16 @@ def test_generation_metrics_without_references_has_nan_rouge():
 # ---------------------------------------------------------------- generation
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a 2nd thread, and on a shared 2-core box OpenMP
+    threads that wait on each other made these tests 3x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), TinyModelConfig())
@@ -169,12 +180,10 @@ def tiny(tiny_dir):
     return model, AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def _with_stop_bias(tiny_dir, bias: float):
-    """A fresh copy of the tiny model whose lm_head adds `bias` to every stop token's logit."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+def _with_stop_bias(tiny, bias: float):
+    """A copy of the tiny model whose lm_head adds `bias` to every stop token's logit."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
     old = model.lm_head
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
     with torch.no_grad():
@@ -231,16 +240,16 @@ def test_restores_padding_side_and_train_mode(tiny):
     model.eval()
 
 
-def test_forced_stop_stops_at_once(tiny_dir):
-    model, tok = _with_stop_bias(tiny_dir, +1e4)
+def test_forced_stop_stops_at_once(tiny):
+    model, tok = _with_stop_bias(tiny, +1e4)
     gens = generate_answers(model, tok, QUESTIONS, system_prompt=SYSTEM, max_new_tokens=10, batch_size=2)
     assert all(g.stopped and g.new_tokens == 1 and g.text == "" for g in gens)
     m = generation_metrics(gens)
     assert m["stop_rate"] == 1.0 and m["mean_new_tokens"] == 1.0 and m["format_ok_rate"] == 0.0
 
 
-def test_never_stopping_runs_to_max_new_tokens(tiny_dir):
-    model, tok = _with_stop_bias(tiny_dir, -1e4)
+def test_never_stopping_runs_to_max_new_tokens(tiny):
+    model, tok = _with_stop_bias(tiny, -1e4)
     refs = ["多喝水"] * len(QUESTIONS)
     gens = generate_answers(
         model, tok, QUESTIONS, system_prompt=SYSTEM, max_new_tokens=6, batch_size=4, references=refs
@@ -257,13 +266,18 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = generate_answers(model, tok, QUESTIONS, seed=7, **kw)
+    a = generate_answers(model, tok, QUESTIONS[:3], seed=7, **kw)
     after = torch.rand(1)
-    b = generate_answers(model, tok, QUESTIONS, seed=7, **kw)
-    c = generate_answers(model, tok, QUESTIONS, seed=8, **kw)
+    b = generate_answers(model, tok, QUESTIONS[:3], seed=7, **kw)
+    c = generate_answers(model, tok, QUESTIONS[:3], seed=8, **kw)
     assert torch.equal(before, after)
     assert [g.text for g in a] == [g.text for g in b]
     assert [g.text for g in a] != [g.text for g in c]
+
+
+def test_no_questions_no_generations(tiny):
+    model, tok = tiny
+    assert generate_answers(model, tok, [], system_prompt=SYSTEM, max_new_tokens=4) == []
 
 
 def test_references_must_match_questions(tiny):

@@ -237,3 +237,25 @@ def test_bad_arguments_name_the_setting() -> None:
         compute_sft_loss(model, batch, chunk_size=0)
     with pytest.raises(ConfigError, match="labels"):
         compute_sft_loss(model, {"input_ids": batch["input_ids"]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_with_bias_matches_autograd(dtype: torch.dtype) -> None:
+    """The fused function alone (lm_head with a bias, scaled upstream gradient) vs plain autograd."""
+    from sft_core.loss import _ChunkedLinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 8, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(VOCAB, 8, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(VOCAB, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, VOCAB, (13,), generator=g)
+    ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.37, (h, w, b))
+    loss, correct = _ChunkedLinearCrossEntropy.apply(h, w, b, t, 4)
+    grads = torch.autograd.grad(loss * 0.37, (h, w, b))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss, ref, atol=tol, rtol=tol)
+    assert int(correct) == int((F.linear(h, w, b).float().argmax(-1) == t).sum())
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

@@ -1,0 +1,191 @@
+"""The fine-tune flow end to end: real Prefect (test harness), real MLflow server, real GX.
+
+One module-scoped first run on a tiny model; the other tests re-run it and check caching,
+partial re-runs, and the registry loop (promote, refusal, rollback).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from sft_core.config import load_config
+from tests.servers import mlflow_server
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+FAST = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
+    "data.max_length=256",
+    "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "train.logging_steps=1",
+    "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
+    "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=4",
+    "registry.name=flow-test-model",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workdir")
+
+
+def _cfg(workdir: Path, server, *extra: str):
+    return load_config("demo", [*FAST, f"workdir={workdir}", f"tracking.uri={server.url}", *extra], env={})
+
+
+def _run(cfg, **kw):
+    from flows.finetune import finetune
+
+    started = time.perf_counter()
+    summary = finetune(config=cfg.model_dump(mode="json"), **kw)
+    return summary, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def first(workdir, server):
+    cfg = _cfg(workdir, server)
+    summary, seconds = _run(cfg)
+    return cfg, summary, seconds
+
+
+def _client(server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(server.url)
+
+
+def test_first_run_tracks_everything(first, server):
+    cfg, summary, seconds = first
+    print(f"first run: {seconds:.1f} s")
+    assert all(r["status"] == "ran" for r in summary["stages"] if r["stage"] != "base-model")
+    assert summary["train_steps"] == 6
+    c = _client(server)
+    run = c.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.name == "sample--qwen2"
+    # params (flattened config) + config.yaml
+    assert run.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
+    assert run.data.params["data.source"] == "bundled://sample"
+    # tags
+    tags = run.data.tags
+    for key in ("git_commit", "dataset_digest", "config_hash", "prefect.flow_run_id", "device"):
+        assert tags.get(key), key
+    assert tags["config_hash"] == cfg.config_hash()
+    # dataset lineage
+    contexts = {i.dataset.digest: {t.key: t.value for t in i.tags}.get("mlflow.data.context") for i in run.inputs.dataset_inputs}
+    assert sorted(contexts.values()) == ["train", "val"]
+    # artifacts
+    files = _artifact_paths(c, run.info.run_id)
+    assert "config.yaml" in files
+    assert "validation/validation_report.json" in files
+    assert any(f.startswith("validation/data_docs/") and f.endswith(".html") for f in files)
+    assert "plots/loss_curve.png" in files
+    assert "predictions.json" in files
+    assert any(f.startswith("checkpoints/checkpoint-") for f in files)
+    # per-step curves
+    loss = c.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted({m.step for m in loss}) == [1, 2, 3, 4, 5, 6]
+    for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second"):
+        assert len(c.get_metric_history(run.info.run_id, key)) >= 6, key
+    assert {m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")} >= {3, 6}
+    # final metrics
+    for key in ("eval/loss", "eval/perplexity", "eval/token_accuracy", "gen/format_ok_rate", "gen/rouge_l",
+                "gen/stop_rate", "gen/mean_think_chars", "gen/mean_answer_chars"):
+        assert key in run.data.metrics, key
+    # the predictions table keeps think and answer apart
+    table = json.loads(Path(c.download_artifacts(run.info.run_id, "predictions.json")).read_text())
+    assert {"question", "think", "answer", "reference_answer", "format_ok", "rouge_l"} <= set(table["columns"])
+    assert len(table["data"]) == 3
+    # registry
+    mv = c.get_model_version_by_alias("flow-test-model", "candidate")
+    assert mv.run_id == run.info.run_id and int(mv.version) == summary["registered"]["version"]
+    assert "eval_loss" in mv.tags and mv.tags["run_id"] == run.info.run_id
+
+
+def test_second_run_is_all_cached_and_fast(first, server):
+    cfg, summary, first_seconds = first
+    again, seconds = _run(cfg)
+    print(f"first run {first_seconds:.1f} s, cached re-run {seconds:.1f} s ({seconds / first_seconds:.1%})")
+    statuses = {r["stage"]: r["status"] for r in again["stages"]}
+    assert set(statuses.values()) == {"cached"}, statuses
+    assert again["run_id"] == summary["run_id"], "a re-run continues the same MLflow run"
+    assert again["registered"]["version"] == summary["registered"]["version"], "no duplicate version"
+    assert not again["retrained"]
+    assert seconds <= 0.10 * first_seconds
+    c = _client(server)
+    assert len(c.search_model_versions("name = 'flow-test-model'")) == 1
+    assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_change_reruns_only_evaluation_stages(first, workdir, server):
+    cfg, summary, _ = first
+    changed = _cfg(workdir, server, "eval.max_new_tokens=12", "eval.batch_size=2")
+    result, _ = _run(changed)
+    statuses = {r["stage"]: r["status"] for r in result["stages"]}
+    for stage in ("ingest", "validate", "split", "base-model", "tokenize", "train"):
+        assert statuses[stage] == "cached", (stage, statuses)
+    for stage in ("evaluate", "generate", "register"):
+        assert statuses[stage] == "ran", (stage, statuses)
+    assert result["run_id"] != summary["run_id"], "a new config is a new MLflow run"
+    # the new run still has the full training curves (copied from the cached train stage)
+    c = _client(server)
+    assert len({m.step for m in c.get_metric_history(result["run_id"], "train/loss")}) == 6
+    assert result["registered"]["version"] == summary["registered"]["version"] + 1
+
+
+def test_promote_refuse_and_rollback(first, server):
+    from flows.promote import promote_gate
+    from sft_core.errors import PromotionError
+    from tasks.tracking import aliases, rollback
+
+    cfg, summary, _ = first
+    name = cfg.registry.name
+    c = _client(server)
+    v1 = summary["registered"]["version"]
+    first_promo = promote_gate(cfg, version=v1)
+    assert first_promo["production"] == v1 and first_promo["previous"] is None
+    # a new candidate with the same metrics (the same run's model registered again) passes the gate
+    src = c.get_model_version(name, str(v1))
+    same = c.create_model_version(name, source=src.source, run_id=src.run_id, model_id=src.source.split("/")[-1])
+    c.set_registered_model_alias(name, "candidate", same.version)
+    v2 = int(same.version)
+    second = promote_gate(cfg)
+    assert second["production"] == v2 and second["previous"] == v1
+    assert all(ch["passed"] for ch in second["checks"])
+    tags = c.get_model_version(name, str(v2)).tags
+    assert tags["promoted_by"] and tags["promoted_at"] and tags["promotion_reason"] == "gate passed"
+
+    # a worse candidate: a version whose run has a higher eval loss and a lower format rate
+    exp_id = c.get_run(c.get_model_version(name, str(v1)).run_id).info.experiment_id
+    bad_run = c.create_run(exp_id, run_name="worse")
+    c.log_metric(bad_run.info.run_id, "eval/loss", 99.0)
+    c.log_metric(bad_run.info.run_id, "gen/format_ok_rate", -1.0)
+    c.set_terminated(bad_run.info.run_id)
+    bad = c.create_model_version(name, source=src.source, run_id=bad_run.info.run_id, model_id=src.source.split("/")[-1])
+    c.set_registered_model_alias(name, "candidate", bad.version)
+    with pytest.raises(PromotionError, match="eval/loss"):
+        promote_gate(cfg)
+    assert aliases(cfg)["production"] == v2, "a refused candidate moves nothing"
+    forced = promote_gate(cfg, force=True, reason="incident drill")
+    assert forced["forced"] and forced["production"] == int(bad.version)
+    assert c.get_model_version(name, bad.version).tags["promotion_reason"] == "incident drill"
+
+    back = rollback(cfg)
+    assert back["production"] == v2 and aliases(cfg)["production"] == v2 and aliases(cfg)["previous"] == int(bad.version)
+
+
+def _artifact_paths(c, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for f in c.list_artifacts(run_id, path):
+        out.extend(_artifact_paths(c, run_id, f.path) if f.is_dir else [f.path])
+    return out
