@@ -198,6 +198,13 @@ def run(
 ) -> None:
     """Run the fine-tune flow: ingest -> validate -> split -> tokenize -> train -> evaluate -> generate -> register."""
     cfg = _config(config, set_)
+    from sft_core.preflight import check_output_paths, check_sources
+    from tasks.tracking import check_reachable
+
+    # cheap checks before Prefect starts: a bad path or an unreachable server fails in seconds
+    check_output_paths(cfg)
+    check_sources(cfg)
+    check_reachable(cfg)
     from flows.finetune import finetune
 
     summary = finetune(config=cfg.model_dump(mode="json"), refresh=refresh)
@@ -276,8 +283,35 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}))
 
 
-def run_cli() -> None:  # pragma: no cover - console entry helper
-    app()
+
+@app.command()
+@guarded
+def gc(
+    keep: int = typer.Option(2, help="Finished folders to keep per stage (plus any a registered version needs)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Delete old stage folders in the workdir; never one that a registered model version came from."""
+    from tasks.workspace import gc as do_gc
+
+    result = do_gc(_config(config, set_), keep, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for path in result["deleted"]:
+        console.print(f"{verb} {path}")
+    console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
+
+
+def _register_extra_commands() -> None:
+    """Team-setup commands (deploy, serve, serve-model) live in flows/deploy.py."""
+    try:
+        from flows.deploy import register_commands
+    except ImportError:  # pragma: no cover - during development only
+        return
+    register_commands(app)
+
+
+_register_extra_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from sft_core import stages  # noqa: E402
 from sft_core.config import PipelineConfig  # noqa: E402
+from sft_core.preflight import preflight  # noqa: E402
 from tasks import data as data_tasks  # noqa: E402
 from tasks import evaluation, model, registry, tracking, training  # noqa: E402
 
@@ -58,6 +59,7 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     log = get_run_logger()
     cfg = PipelineConfig.model_validate(config)
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
+    preflight(cfg)
     step = StageTimer()
     key = stages.ingest_key(cfg)
     raw = step("ingest", data_tasks.ingest, cfg, stages.stage_dir(cfg, "ingest", key or "latest"), refresh=refresh or key is None)

@@ -57,23 +57,29 @@ def write_done(folder: Path, result: dict) -> dict:
 def run_stage(folder: Path, body: Callable[[Path], dict], *, refresh: bool = False, keep_partial: bool = False) -> dict:
     """Run `body(folder)` unless the folder already holds a finished result.
 
+    A file lock beside the folder makes concurrent runs of the same stage wait for each
+    other: the second finds the first's result instead of redoing (or clobbering) it.
     A half-written folder from a crash is wiped first, unless `keep_partial` (train keeps
     its checkpoints to resume from them).
     """
-    if refresh and folder.exists():
-        shutil.rmtree(folder)
-    done = read_done(folder)
-    if done is not None:
-        return {**done, "reused": True}
-    if folder.exists() and not keep_partial:
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = body(folder)
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    result["folder"] = str(folder)
-    write_done(folder, result)
-    return {**result, "reused": False}
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if refresh and folder.exists():
+            shutil.rmtree(folder)
+        done = read_done(folder)
+        if done is not None:
+            return {**done, "reused": True}
+        if folder.exists() and not keep_partial:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        result = body(folder)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        result["folder"] = str(folder)
+        write_done(folder, result)
+        return {**result, "reused": False}
 
 
 # --- data stages -------------------------------------------------------------------------

@@ -112,6 +112,15 @@ def git_commit() -> str:
 
 def start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
     """One MLflow run per (config, data): a re-run or a resumed crash continues the same run."""
+    from filelock import FileLock
+
+    lock_dir = cfg.workdir_path / "runs"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / f"{run_key}.lock")):  # two identical runs at once share one MLflow run
+        return _start_or_resume_run(cfg, run_key, run_name, tags)
+
+
+def _start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
     c = client(cfg)
     exp_id = ensure_experiment(cfg)
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1,

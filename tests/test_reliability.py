@@ -1,0 +1,331 @@
+"""Reliability: bad input and config fail early and cleanly; crashes resume; outages are survived;
+concurrent runs do not clobber; gc keeps what the registry needs; secrets stay out of logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from sft_core.config import load_config
+from tests.servers import free_port, mlflow_server
+
+REPO = Path(__file__).resolve().parent.parent
+BAD = REPO / "tests" / "data" / "bad"
+EXPECTED: dict[str, dict] = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))
+FAST = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
+    "data.max_length=256", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
+    "train.logging_steps=1", "eval.num_generate=2", "eval.max_new_tokens=4", "eval.batch_size=4",
+    "registry.name=reliability-model",
+]
+runner = CliRunner()
+
+
+def _error_line(result) -> str:
+    lines = [x for x in (result.stderr or result.output).strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+# --- 1. bad input -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_bad_file_fails_with_one_line_naming_the_file(name: str, tmp_path: Path):
+    spec = EXPECTED[name]
+    result = runner.invoke(app, ["validate", str(BAD / name), "--out", str(tmp_path)])
+    assert result.exit_code != 0, result.output
+    line = _error_line(result)
+    assert line.startswith("error:") and name in line, line
+    for fragment in spec["match"] if isinstance(spec["match"], list) else [spec["match"]]:
+        assert fragment in " ".join((result.stderr or result.output).split()), (fragment, line)
+    assert "Traceback" not in (result.stderr or "") + result.output
+
+
+def test_quarantine_policy_drops_bad_rows_and_exits_zero(tmp_path: Path):
+    name = next(k for k, v in EXPECTED.items() if "bad_rows" in v)
+    result = runner.invoke(app, ["validate", str(BAD / name), "--policy", "quarantine", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    quarantined = [json.loads(x) for x in (tmp_path / "validate" / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in quarantined) == sorted(EXPECTED[name]["bad_rows"])
+    assert all(r["reason"] for r in quarantined)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.lerning_rate=1e-4", "train.lerning_rate"),
+        ("train.num_train_epochs=two", "train.num_train_epochs"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("model.source=/nonexistent/model", "model.source"),
+        ("data.source=/nonexistent/data.jsonl", "data.source"),
+        ("model.cache_dir=/tmp/outside", "model.cache_dir"),
+        ("data.cache_dir=../../escape", "data.cache_dir"),
+    ],
+)
+def test_bad_config_fails_before_any_work_naming_the_key(override: str, named: str, tmp_path: Path):
+    result = runner.invoke(app, ["run", "--config", "demo", "--set", f"workdir={tmp_path}", "--set", override])
+    assert result.exit_code != 0
+    assert named in _error_line(result), _error_line(result)
+    assert not any((tmp_path / stage).exists() for stage in ("ingest", "validate", "train")), "work was done"
+
+
+def test_max_length_shorter_than_the_prompt_is_refused(tmp_path: Path):
+    from sft_core.errors import ConfigError
+    from sft_core.preflight import preflight
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "data.max_length=64",
+                               f"data.system_prompt={'很长的系统提示' * 30}"], env={})
+    with pytest.raises(ConfigError, match=r"data\.max_length=64"):
+        preflight(cfg)
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path: Path):
+    port = free_port()
+    started = time.perf_counter()
+    result = runner.invoke(app, ["run", "--config", "demo", "--set", f"workdir={tmp_path}",
+                                 "--set", f"tracking.uri=http://127.0.0.1:{port}"])
+    elapsed = time.perf_counter() - started
+    assert result.exit_code != 0
+    assert f"http://127.0.0.1:{port}" in _error_line(result) and "unreachable" in _error_line(result)
+    assert elapsed < 15, elapsed
+    assert not (tmp_path / "ingest").exists()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    from flows.finetune import finetune
+    from sft_core.errors import DataValidationError
+
+    bad = next(k for k, v in EXPECTED.items() if v["error"] == "DataValidationError" and "bad_rows" in v)
+    cfg = load_config("demo", [*FAST, f"workdir={tmp_path}", f"data.source={BAD / bad}", "data.min_rows=2"], env={})
+    with pytest.raises(DataValidationError):
+        finetune(config=cfg.model_dump(mode="json"))
+    assert not (tmp_path / "train").exists()
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not c.search_registered_models()
+
+
+# --- 2. crash and resume ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_rerun_resumes_the_same_run(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    overrides = [*FAST, f"workdir={tmp_path}", "train.max_steps=40", "train.save_steps=5", "train.eval_steps=5"]
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", "demo"]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "DO_NOT_TRACK": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        ckpt = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = sorted((tmp_path / "train").glob("*/checkpoint-*/trainer_state.json")) if (tmp_path / "train").exists() else []
+            if found:
+                ckpt = found[0].parent
+                break
+            time.sleep(0.5)
+        assert ckpt is not None, "no checkpoint appeared before the deadline"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    train_dir = ckpt.parent
+    assert not (train_dir / "_DONE.json").exists(), "the kill came too late to test a resume"
+
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    done = json.loads((train_dir / "_DONE.json").read_text())
+    assert done["resumed_from"] and "checkpoint-" in done["resumed_from"]
+    assert done["global_step"] == 40
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the resumed run continues the same MLflow run"
+    steps = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert steps == set(range(1, 41))
+    assert len(c.search_model_versions("name = 'reliability-model'")) == 1
+
+
+def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
+    from tasks import tracking
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=idem-model"], env={})
+    c = tracking.client(cfg)
+    exp = tracking.ensure_experiment(cfg)
+    run = c.create_run(exp)
+    src = tmp_path / "fake-model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    c.log_artifacts(run.info.run_id, str(src), "model")
+    uri = f"runs:/{run.info.run_id}/model"
+    # a crash after create_model_version but before the alias was set
+    c.create_registered_model("idem-model")
+    c.create_model_version("idem-model", source=uri, run_id=run.info.run_id,
+                           tags={"run_id": run.info.run_id, "train_key": "k1"})
+    first = tracking.register(cfg, run.info.run_id, uri, {"eval/loss": 1.0}, "k1")
+    second = tracking.register(cfg, run.info.run_id, uri, {"eval/loss": 1.0}, "k1")
+    assert first["version"] == second["version"] == 1 and first["reused"] and second["reused"]
+    assert len(c.search_model_versions("name = 'idem-model'")) == 1
+    assert int(c.get_model_version_by_alias("idem-model", "candidate").version) == 1
+
+
+# --- 3. tracking outage in the middle ------------------------------------------------------
+
+@pytest.mark.slow
+def test_metrics_survive_a_tracking_server_outage(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import BufferedMetricLogger
+
+    with mlflow_server(tmp_path) as srv:
+        cfg = load_config("demo", [f"workdir={tmp_path}", f"tracking.uri={srv.url}"], env={})
+        c = MlflowClient(srv.url)
+        run = c.create_run(c.create_experiment("outage"))
+        logger = BufferedMetricLogger(cfg, run.info.run_id, flush_every=0.5, flush_timeout=180)
+        for step in range(1, 6):
+            logger.log(step, {"train/loss": 10.0 - step})
+        time.sleep(2)
+        srv.stop()  # outage: training keeps calling log(), which must neither raise nor block
+        t0 = time.perf_counter()
+        for step in range(6, 16):
+            logger.log(step, {"train/loss": 10.0 - step})
+        assert time.perf_counter() - t0 < 1.0
+        time.sleep(3)
+        srv.start()
+        left = logger.close()
+        assert left == 0
+        steps = sorted(m.step for m in MlflowClient(srv.url).get_metric_history(run.info.run_id, "train/loss"))
+        assert steps == list(range(1, 16))
+        assert logger.failures >= 1, "the outage was never noticed: the test did not test anything"
+
+
+# --- 4. concurrency -----------------------------------------------------------------------
+
+def test_same_stage_twice_at_once_runs_once(tmp_path: Path):
+    from sft_core.stages import run_stage
+
+    calls = []
+
+    def body(folder: Path) -> dict:
+        calls.append(threading.get_ident())
+        time.sleep(1.0)
+        (folder / "out.txt").write_text("x")
+        return {"value": 1}
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run_stage(tmp_path / "stage" / "k", body))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(r["reused"] for r in results) == [False, True]
+
+
+def test_different_configs_get_different_folders():
+    from sft_core import stages
+
+    a = load_config("demo", env={})
+    b = load_config("demo", ["train.learning_rate=1e-3"], env={})
+    splits = {"train_digest": "t", "val_digest": "v"}
+    ka, kb = stages.train_key(a, stages.tokenize_key(a, splits)), stages.train_key(b, stages.tokenize_key(b, splits))
+    assert ka != kb
+    c = load_config("demo", ["eval.max_new_tokens=3"], env={})
+    assert stages.train_key(c, stages.tokenize_key(c, splits)) == ka, "eval settings do not change the train key"
+
+
+# --- 5. gc ----------------------------------------------------------------------------------
+
+def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
+    from sft_core.stages import write_done
+    from tasks import tracking
+    from tasks.workspace import gc
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=gc-model"], env={})
+    folders = []
+    for i in range(4):
+        f = tmp_path / "train" / f"key{i}"
+        f.mkdir(parents=True)
+        (f / "weights.bin").write_bytes(b"0" * 1000)
+        write_done(f, {"i": i})
+        os.utime(f / "_DONE.json", (1000 + i, 1000 + i))
+        folders.append(f)
+    unfinished = tmp_path / "train" / "crashed"
+    (unfinished / "checkpoint-5").mkdir(parents=True)
+    # the oldest folder is where a registered version came from
+    c = tracking.client(cfg)
+    run = c.create_run(tracking.ensure_experiment(cfg), tags={"qwen_sft.logged.train": f"{folders[0]}:123"})
+    c.create_registered_model("gc-model")
+    c.log_artifacts(run.info.run_id, str(folders[0]), "model")
+    c.create_model_version("gc-model", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+
+    result = gc(cfg, keep=1)
+    assert folders[0].exists(), "a registered version's folder was deleted"
+    assert folders[3].exists() and not folders[1].exists() and not folders[2].exists()
+    assert unfinished.exists(), "an unfinished (resumable) folder was deleted"
+    assert result["bytes"] >= 2000
+
+
+def test_checkpoints_rotate(tmp_path: Path):
+    from sft_core.train import build_training_args
+
+    cfg = load_config("demo", ["train.save_total_limit=2"], env={})
+    args = build_training_args(cfg.train, tmp_path, device="cpu", bf16=False, has_eval=True)
+    assert args.save_total_limit == 2 and args.load_best_model_at_end
+
+
+# --- 6. security --------------------------------------------------------------------------
+
+def test_trust_remote_code_is_off_unless_asked():
+    assert load_config("demo", env={}).model.trust_remote_code is False
+    assert load_config("configs/qwen2.5-1.5b-medical.yaml", env={}).model.trust_remote_code is False
+
+
+def test_pickle_weights_are_refused(tmp_path: Path, tiny_model_dir: Path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from sft_core.errors import ModelSourceError
+    from sft_core.modeling import load_model
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    state = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match="safetensors"):
+        load_model(pickled)
+
+
+def test_secrets_are_redacted_from_logged_params(tmp_path: Path):
+    from tasks import tracking
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "tracking.uri=http://alice:hunter2@127.0.0.1:1"], env={})
+    assert all("hunter2" not in v for v in cfg.flat_params().values()) and "hunter2" not in cfg.to_yaml()
+    # what reaches MLflow (params and config.yaml) is the redacted form
+    leaky = load_config("demo", [f"workdir={tmp_path}", "data.source=https://bob:s3cr3t@data.example/x.jsonl"], env={})
+    c = tracking.client(leaky)
+    run = c.create_run(tracking.ensure_experiment(leaky))
+    tracking.log_config(leaky, run.info.run_id)
+    params = c.get_run(run.info.run_id).data.params
+    assert params["data.source"] == "https://bob:***@data.example/x.jsonl"
+    logged_yaml = Path(c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "s3cr3t" not in logged_yaml and "bob:***@" in logged_yaml
