@@ -259,3 +259,12 @@ def test_chunked_linear_cross_entropy_with_bias_matches_autograd(dtype: torch.dt
     for got, want in zip(grads, ref_grads):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_second_backward_through_chunked_loss_raises() -> None:
+    """Gradients are scaled in place in backward: a retained second pass must not double them."""
+    model = _model()
+    loss, _ = compute_sft_loss(model, _pad_rows(_examples()))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()

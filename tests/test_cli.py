@@ -1,0 +1,53 @@
+"""CLI: prepare writes the split and statistics, make-tiny-model builds a model, predict shows think and answer apart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+
+runner = CliRunner()
+
+
+def test_prepare_writes_split_report_and_stats(tmp_path: Path):
+    out = tmp_path / "prepared"
+    result = runner.invoke(app, ["prepare", "--config", "demo", "--set", f"workdir={tmp_path / 'wd'}", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    train, val = read_jsonl(out / "train.jsonl"), read_jsonl(out / "val.jsonl")
+    sample = read_jsonl(BUNDLED_SAMPLE)
+    assert len(train) == int(len(sample) * 0.9) and len(train) + len(val) == len(sample)
+    assert {"instruction", "question", "think", "answer", "metrics"} <= set(train[0]), "original fields are kept"
+    report = json.loads((out / "validation_report.json").read_text())
+    assert report
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rows"]["train"] == len(train) and stats["rows"]["val"] == len(val)
+    assert len(stats["dataset_digest"]) == 64
+    assert {"p50", "p95", "p100"} <= set(stats["tokens"]["train"]["length_percentiles"])
+    assert stats["truncated"] >= 0
+    # a second prepare reuses every stage and gives identical files
+    again = runner.invoke(app, ["prepare", "--config", "demo", "--set", f"workdir={tmp_path / 'wd'}", "--out", str(tmp_path / "p2")])
+    assert again.exit_code == 0
+    assert (tmp_path / "p2" / "train.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()
+
+
+def test_make_tiny_model_and_predict_show_think_and_answer_apart(tmp_path: Path):
+    model = tmp_path / "tiny"
+    built = runner.invoke(app, ["make-tiny-model", str(model), "--set", "model.tiny.tokenizer=bpe",
+                                "--set", "model.tiny.vocab_size=800"])
+    assert built.exit_code == 0, built.output
+    assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
+    result = runner.invoke(app, ["predict", "--model", str(model), "--set", "train.device=cpu",
+                                 "--max-new-tokens", "8", "孩子发烧怎么办？"])
+    assert result.exit_code == 0, result.output
+    assert "think" in result.output and "answer" in result.output
+    assert result.output.index("think") < result.output.index("answer")
+
+
+def test_predict_with_a_missing_model_is_one_clear_line(tmp_path: Path):
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "nope"), "q"])
+    assert result.exit_code != 0
+    assert "nope" in (result.stderr or result.output) and "Traceback" not in result.output
