@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-slow test-all bench clean
 
 $(STAMP): pyproject.toml requirements/torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,13 @@ demo: $(STAMP)
 	$(VENV)/bin/qwen-sft run --config configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
-
-test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
