@@ -140,6 +140,6 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "TINY_MODEL.json").write_text(
-        json.dumps({"tokenizer": kind, **cfg.model_dump()}, indent=2), encoding="utf-8"
+        json.dumps({**cfg.model_dump(), "tokenizer": kind}, indent=2), encoding="utf-8"
     )
     return out

@@ -122,6 +122,8 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != "length"}
             loss, stats = compute_sft_loss(model, inputs, num_items_in_batch=num_items_in_batch, mode=self.loss_mode)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # the count is summed over ranks and DDP averages gradients (as Trainer does)
             if model.training:
                 self._supervised_tokens += int(stats["num_tokens"])
             return (loss, {}) if return_outputs else loss  # no logits: eval is prediction_loss_only
@@ -213,6 +215,8 @@ def run_training(
     resume = last_checkpoint(out)
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = out / "final"
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one full state dict on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final_dir))  # safetensors; main process only under accelerate
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final_dir)

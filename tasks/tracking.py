@@ -389,7 +389,10 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
                 if m.name == "model" and str(m.status).endswith("READY")]
     if existing:
         return existing[0].model_uri
-    signature = infer_signature(["问题"], ["<think>…</think>\n\n回答"], params={"max_new_tokens": cfg.eval.max_new_tokens})
+    # request-time generation settings a served model accepts in `"params"` (defaults: greedy, like evaluation)
+    params = {"max_new_tokens": cfg.eval.max_new_tokens, "do_sample": False, "temperature": cfg.eval.temperature,
+              "top_p": cfg.eval.top_p}
+    signature = infer_signature(["问题"], ["<think>…</think>\n\n回答"], params=params)
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), _transformers5_task_impl_compat():
         info = mlflow.transformers.log_model(
             transformers_model=str(model_dir),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -56,8 +57,10 @@ def train(cfg: PipelineConfig, tokens: dict, model_dir: str, folder: Path, run_i
 
 
 def accelerate_command(cfg: PipelineConfig, args: list[str]) -> list[str]:
+    from sft_core.modeling import resolve_device
+
     config_file = ACCELERATE_CONFIGS / f"{cfg.train.accelerate_config}.yaml"
-    if cfg.train.device == "cpu":
+    if resolve_device(cfg.train.device) == "cpu":  # also `auto` on a machine without a GPU
         config_file = ACCELERATE_CONFIGS / "cpu_gloo.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
             "--num_processes", str(cfg.train.num_processes), "-m", "sft_core.launch", *args]
@@ -68,6 +71,7 @@ def _launch_distributed(cfg: PipelineConfig, tokens: dict, model_dir: str, folde
     logger = get_run_logger()
     cfg_json, result_json = folder / "launch_config.json", folder / "launch_result.json"
     cfg_json.write_text(cfg.model_dump_json(), encoding="utf-8")
+    result_json.unlink(missing_ok=True)  # never pick up the result of an earlier attempt
     cmd = accelerate_command(cfg, ["--config-json", str(cfg_json), "--model-dir", model_dir,
                                    "--train-data", tokens["train_ds"], "--eval-data", tokens["val_ds"],
                                    "--output-dir", str(folder), "--result-json", str(result_json)])
@@ -76,17 +80,30 @@ def _launch_distributed(cfg: PipelineConfig, tokens: dict, model_dir: str, folde
     stop = threading.Event()
     tail = threading.Thread(target=_tail_metrics, args=(folder / "metrics.jsonl", sink, stop), daemon=True)
     tail.start()
+    last_lines: deque[str] = deque(maxlen=15)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and "it/s]" not in line and "s/it]" not in line:
-            logger.info("[accelerate] %s", line[-500:])
-    code = proc.wait()
-    stop.set()
-    tail.join(timeout=10)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line and "it/s]" not in line and "s/it]" not in line:
+                logger.info("[accelerate] %s", line[-500:])
+                last_lines.append(line[-500:])
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # the task was cancelled or crashed: do not leave the ranks training
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stop.set()
+        tail.join(timeout=10)
     if code != 0 or not result_json.exists():
-        raise RuntimeError(f"accelerate launch exited with {code}; see the task log above")
+        detail = "\n".join(last_lines)
+        config_file = Path(cmd[cmd.index("--config_file") + 1]).name
+        raise RuntimeError(f"accelerate launch ({config_file}, {cfg.train.num_processes} processes) exited with {code} "
+                           f"without writing {result_json.name}; last output:\n{detail}")
     return json.loads(result_json.read_text(encoding="utf-8"))
 
 

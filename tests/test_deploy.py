@@ -1,0 +1,203 @@
+"""Scheduled retraining: `qwen-sft deploy` and infra/prefect.yaml against a real Prefect server.
+
+The slow test runs the team set-up end to end: Prefect server and MLflow server both on
+PostgreSQL, `qwen-sft deploy` of the demo preset with a schedule, a process worker that runs
+the triggered flow, and the run + registered candidate found in MLflow. Servers and the
+worker are stopped by PID (process group) at the end, also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from contextlib import ExitStack, closing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.deploy import ENTRYPOINT, OrchestrationError, cron_schedule, deploy, deployment_parameters, ensure_work_pool
+from sft_core.config import PipelineConfig, load_config
+from sft_core.errors import ConfigError
+from tests.servers import BIN, REPO, child_env, mlflow_server, pg_connect, postgres_database, prefect_server
+from tests.test_flow import FAST
+
+PREFECT_YAML = REPO / "infra" / "prefect.yaml"
+PRESET_OF = {"finetune-qwen2.5-1.5b-medical": "qwen2.5-1.5b-medical", "finetune-demo-tiny-medical": "demo",
+             "finetune-qwen2.5-1.5b-medical-docker": "qwen2.5-1.5b-medical",
+             "finetune-qwen2.5-1.5b-medical-k8s": "qwen2.5-1.5b-medical"}
+
+
+# --- fast: the pieces of a deployment --------------------------------------------------------------
+
+def _prefect_yaml() -> dict:
+    return yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+
+
+def test_prefect_yaml_parameters_are_the_presets():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(_prefect_yaml())  # the schema `prefect deploy` reads
+    assert {d.name for d in model.deployments} == set(PRESET_OF)
+    for dep in model.deployments:
+        preset = load_config(PRESET_OF[dep.name], env={})
+        deployed = PipelineConfig.model_validate(dep.parameters["config"])
+        assert dep.parameters["refresh"] is False
+        in_container = dep.name.endswith(("-docker", "-k8s"))
+        expected = preset.model_copy(update={"tracking": preset.tracking.model_copy(update={"uri": "http://mlflow:5000"})}) \
+            if in_container else preset
+        assert deployed.model_dump() == expected.model_dump(), dep.name
+        assert dep.entrypoint == ENTRYPOINT and (REPO / ENTRYPOINT.split(":")[0]).exists()
+        assert [(s.cron, s.timezone) for s in dep.schedules] == [(preset.schedule.cron, preset.schedule.timezone)]
+        assert (dep.concurrency_limit.limit, dep.concurrency_limit.collision_strategy) == (1, "ENQUEUE")
+        assert f"model:{preset.registry.name}" in dep.tags
+        if in_container:
+            kind = "docker" if dep.name.endswith("-docker") else "kubernetes"
+            assert dep.work_pool.name == f"qwen-sft-{kind}" and (REPO / "infra" / "work-pools" / f"{kind}.json").exists()
+            assert dep.pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
+        else:
+            assert dep.work_pool.name == preset.schedule.work_pool and dep.pull is None
+
+
+def test_parameters_are_the_resolved_config_and_refuse_credentials():
+    cfg = load_config("demo", ["train.max_steps=3"], env={})
+    assert deployment_parameters(cfg) == {"config": cfg.model_dump(mode="json"), "refresh": False}
+    leaky = load_config("demo", ["tracking.uri=http://alice:s3cret@mlflow:5000"], env={})
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        deployment_parameters(leaky)
+
+
+def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
+    cfg = load_config("demo", ["schedule.timezone=Asia/Shanghai"], env={})
+    sched = cron_schedule(cfg)
+    assert (sched.cron, sched.timezone) == ("0 3 * * 1", "Asia/Shanghai")
+    assert cron_schedule(cfg, "*/5 * * * *").cron == "*/5 * * * *"
+    with pytest.raises(ConfigError, match="schedule.cron '61 \\* \\* \\* \\*'"):
+        cron_schedule(cfg, "61 * * * *")
+    with pytest.raises(ConfigError, match="Invalid timezone"):
+        cron_schedule(cfg, timezone="Mars/Olympus")
+
+
+def test_deploy_needs_a_reachable_prefect_api():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    cfg = load_config("demo", env={})
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(OrchestrationError, match="PREFECT_API_URL is not set"):
+            deploy(cfg)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(OrchestrationError, match=r"http://127.0.0.1:9/api \(PREFECT_API_URL\) is unreachable"):
+            deploy(cfg)
+
+
+# --- slow: the team set-up end to end --------------------------------------------------------------
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _run_group(argv: list[str], env: dict[str, str], log: Path, timeout: float, cwd: Path = REPO) -> int:
+    """Run a command in its own process group, output to `log`; kill the group on timeout or error."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _tail(path: Path, chars: int = 5000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def _pg_count(database_url: str, table: str) -> int:
+    with closing(pg_connect(database_url.rsplit("/", 1)[1])) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")
+        return cur.fetchone()[0]
+
+
+@pytest.mark.slow
+def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    pool, name = "qwen-sft-test-process", "finetune/finetune-demo-tiny-medical"
+    overrides = [*FAST, f"workdir={tmp_path / 'workdir'}", "registry.name=deploy-test-model"]
+    with ExitStack() as stack:
+        prefect_db = stack.enter_context(postgres_database("prefect"))
+        prefect = stack.enter_context(prefect_server(tmp_path, database_url=prefect_db))
+        mlflow = stack.enter_context(mlflow_server(tmp_path, "postgres"))
+        overrides.append(f"tracking.uri={mlflow.url}")
+        cfg = load_config("demo", overrides, env={})
+        env = child_env(PREFECT_API_URL=prefect.api_url, PREFECT_HOME=str(tmp_path / "prefect-client"),
+                        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.api_url}))
+        client = stack.enter_context(get_client(sync_client=True))
+
+        # `qwen-sft deploy` registers the flow with its schedule, parameters, pool and concurrency limit
+        deploy_log = tmp_path / "deploy.log"
+        code = _run_group([str(BIN / "qwen-sft"), "deploy", "-c", "demo", *_sets(overrides), "--cron", "0 4 * * 2",
+                           "--timezone", "Europe/Berlin", "--pool", pool], env, deploy_log, timeout=300)
+        assert code == 0, _tail(deploy_log)
+        dep = client.read_deployment_by_name(name)
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [
+            ("0 4 * * 2", "Europe/Berlin", True)]
+        assert dep.global_concurrency_limit.limit == 1
+        assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+        assert dep.parameters == {"config": cfg.model_dump(mode="json"), "refresh": False}
+        assert dep.work_pool_name == pool and client.read_work_pool(pool).type == "process"
+        assert dep.entrypoint == ENTRYPOINT
+        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert "model:deploy-test-model" in dep.tags
+
+        # deploying again updates the same deployment (one schedule, the new one)
+        again = deploy(cfg, cron="30 2 * * *", pool=pool)
+        assert again["id"] == str(dep.id) and not again["pool_created"]
+        assert [s.schedule.cron for s in client.read_deployment(dep.id).schedules] == ["30 2 * * *"]
+
+        # trigger a run now; a process worker picks it up and runs it to completion
+        flow_run = client.create_flow_run_from_deployment(dep.id)
+        worker_log = tmp_path / "worker.log"
+        code = _run_group([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"], env, worker_log,
+                          timeout=600, cwd=tmp_path)
+        state = client.read_flow_run(flow_run.id).state
+        assert code == 0 and state.type == StateType.COMPLETED, f"{state}\n{_tail(worker_log)}"
+
+        # the run and its registered candidate are in MLflow, whose metadata is in PostgreSQL
+        mlc = MlflowClient(tracking_uri=mlflow.url, registry_uri=mlflow.url)
+        exp = mlc.get_experiment_by_name("sample--qwen2")
+        runs = mlc.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        run = runs[0]
+        assert sorted({m.step for m in mlc.get_metric_history(run.info.run_id, "train/loss")}) == [1, 2, 3, 4, 5, 6]
+        candidate = mlc.get_model_version_by_alias("deploy-test-model", "candidate")
+        assert candidate.run_id == run.info.run_id
+        assert _pg_count(mlflow.database_url, "runs") == 1 and _pg_count(mlflow.database_url, "model_versions") == 1
+
+        # infra/prefect.yaml deploys with `prefect deploy --all` once its pools exist
+        assert ensure_work_pool("qwen-sft-process") is True and ensure_work_pool("qwen-sft-process") is False
+        for kind in ("docker", "kubernetes"):
+            template = json.loads((REPO / "infra" / "work-pools" / f"{kind}.json").read_text())
+            client.create_work_pool(WorkPoolCreate(name=f"qwen-sft-{kind}", type=kind, base_job_template=template))
+        yaml_log = tmp_path / "prefect-deploy.log"
+        code = _run_group([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)],
+                          env, yaml_log, timeout=300)
+        assert code == 0, _tail(yaml_log)
+        for dep_name, preset in PRESET_OF.items():
+            d = client.read_deployment_by_name(f"finetune/{dep_name}")
+            assert d.parameters["config"]["name"] == load_config(preset, env={}).name
+            assert d.global_concurrency_limit.limit == 1 and [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"]
+        k8s = client.read_deployment_by_name("finetune/finetune-qwen2.5-1.5b-medical-k8s")
+        assert k8s.work_pool_name == "qwen-sft-kubernetes"
+        assert k8s.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
+        demo = client.read_deployment_by_name("finetune/finetune-demo-tiny-medical")
+        assert [s.active for s in demo.schedules] == [False]
+    assert prefect.proc is None and mlflow.proc is None
