@@ -4,10 +4,11 @@ A Qwen2.5 vocabulary has 151,936 entries, so the ``[tokens, vocab]`` logits (and
 fp32 softmax and its gradient) dominate both the time and the memory of a training
 step on small and mid-sized models. ``compute_sft_loss(mode="chunked")``:
 
-1. runs the decoder through the model's own ``forward`` with ``logits_to_keep`` set to
-   an empty index tensor and ``output_hidden_states=True`` (the last entry is the final,
-   normed hidden state): no logits at all, and the call goes through a DDP wrapper's
-   ``forward``, so DDP's gradient synchronisation is set up as usual;
+1. runs the decoder only (``model.get_decoder()``) for a plain model; for a wrapped one
+   (DDP, anything with ``.module``) it calls the *wrapper's* forward with
+   ``logits_to_keep`` = an empty index tensor and ``output_hidden_states=True`` (the last
+   entry is the final, normed hidden state), so DDP's gradient synchronisation is set up
+   as usual, at the price of an all-zero lm_head weight gradient;
 2. keeps only the positions whose *shifted* label is not -100 (prompt and padding
    positions never reach the lm_head);
 3. applies the lm_head + fp32 cross-entropy in chunks of ``chunk_size`` tokens and,
@@ -32,10 +33,11 @@ cache off; without it, only ``use_cache=False`` (or ``config.use_cache=False``) 
 packed examples apart.
 
 Wrappers: plain models and ``DistributedDataParallel`` work (the forward runs through
-the wrapper; the lm_head is then called on the unwrapped module, whose weight is a full
+the wrapper; the lm_head weight is then read from the unwrapped module, a full
 replica). Under FSDP / DeepSpeed ZeRO-3 the lm_head weight may be sharded outside the
 wrapper's forward: use ``mode="standard"`` there unless the lm_head stays unsharded
 (FSDP2 keeps the root unit's parameters gathered between forward and backward).
+Untested here: FSDP and ZeRO-3 need several processes and were not run.
 """
 
 from __future__ import annotations
@@ -119,11 +121,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _final_hidden_states(model: nn.Module, forward_inputs: dict[str, Tensor]) -> Tensor:
     """Last (normed) hidden states ``[batch, seq, hidden]`` without computing any logits."""
     inner = _unwrap(model)
-    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
-        # older or custom heads: the decoder alone (bypasses a wrapper's forward hooks)
-        return inner.get_decoder()(**forward_inputs).last_hidden_state
-    device = forward_inputs["input_ids"].device
-    no_positions = torch.empty(0, dtype=torch.long, device=device)
+    if model is inner or "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        # plain model: the decoder alone (the lm_head is applied chunk by chunk later)
+        return inner.get_decoder()(**forward_inputs, use_cache=False).last_hidden_state
+    # wrapped (DDP...): through the wrapper's forward, so that its hooks run; the lm_head
+    # sees zero positions (costs one all-zero [vocab, hidden] gradient in backward)
+    no_positions = torch.empty(0, dtype=torch.long, device=forward_inputs["input_ids"].device)
     out = model(**forward_inputs, logits_to_keep=no_positions, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1]
 

@@ -107,18 +107,65 @@ def _run_group(argv: list[str], env: dict[str, str], log: Path, timeout: float, 
             return proc.wait(timeout)
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+                _stop_group(proc, grace=5)
 
 
 def _tail(path: Path, chars: int = 5000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
+def _serve_until_registered(client, argv: list[str], env: dict[str, str], log: Path, timeout: float = 180):
+    """Start `qwen-sft serve`, wait for its deployment to appear, stop the process group; the deployment."""
+    import time
+
+    from prefect.exceptions import ObjectNotFound
+
+    name = "finetune/" + argv[argv.index("--name") + 1]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                time.sleep(1)
+        raise AssertionError(f"`qwen-sft serve` did not register {name} (exit {proc.poll()}):\n{_tail(log)}")
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace` seconds (serve leaves a resource_tracker)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 def _pg_count(database_url: str, table: str) -> int:
     with closing(pg_connect(database_url.rsplit("/", 1)[1])) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT count(*) FROM {table}")
         return cur.fetchone()[0]
+
+
+def _start_servers(stack: ExitStack, tmp_path: Path):
+    """Prefect and MLflow servers, each on its own PostgreSQL database, started side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start_prefect():
+        return stack.enter_context(prefect_server(tmp_path, database_url=stack.enter_context(postgres_database("prefect"))))
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(start_prefect), pool.submit(lambda: stack.enter_context(mlflow_server(tmp_path, "postgres")))]
+    return [f.result() for f in futures]  # raises the first start failure; the stack stops what did start
 
 
 @pytest.mark.slow
@@ -132,9 +179,7 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
     pool, name = "qwen-sft-test-process", "finetune/finetune-demo-tiny-medical"
     overrides = [*FAST, f"workdir={tmp_path / 'workdir'}", "registry.name=deploy-test-model"]
     with ExitStack() as stack:
-        prefect_db = stack.enter_context(postgres_database("prefect"))
-        prefect = stack.enter_context(prefect_server(tmp_path, database_url=prefect_db))
-        mlflow = stack.enter_context(mlflow_server(tmp_path, "postgres"))
+        prefect, mlflow = _start_servers(stack, tmp_path)
         overrides.append(f"tracking.uri={mlflow.url}")
         cfg = load_config("demo", overrides, env={})
         env = child_env(PREFECT_API_URL=prefect.api_url, PREFECT_HOME=str(tmp_path / "prefect-client"),
@@ -181,6 +226,12 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
         candidate = mlc.get_model_version_by_alias("deploy-test-model", "candidate")
         assert candidate.run_id == run.info.run_id
         assert _pg_count(mlflow.database_url, "runs") == 1 and _pg_count(mlflow.database_url, "model_versions") == 1
+
+        # `qwen-sft serve`: the same deployment served from one foreground process (no pool, no worker)
+        served = _serve_until_registered(client, [str(BIN / "qwen-sft"), "serve", "-c", "demo", *_sets(overrides),
+                                                  "--name", "finetune-served"], env, tmp_path / "serve.log")
+        assert [s.schedule.cron for s in served.schedules] == ["0 3 * * 1"] and served.work_pool_name is None
+        assert served.global_concurrency_limit.limit == 1 and served.parameters == dep.parameters
 
         # infra/prefect.yaml deploys with `prefect deploy --all` once its pools exist
         assert ensure_work_pool("qwen-sft-process") is True and ensure_work_pool("qwen-sft-process") is False

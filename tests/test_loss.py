@@ -129,6 +129,16 @@ def test_padding_free_gives_the_padded_loss() -> None:
     assert (leaky - alone).abs().max() > 1e-3, "transformers now separates packed rows with the cache on"
 
 
+def test_plain_model_never_runs_the_lm_head_module_on_all_positions() -> None:
+    model = _model()
+    calls = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    compute_sft_loss(model, _flat(_examples()))
+    assert calls == []  # decoder only; the weight is applied chunk by chunk
+    compute_sft_loss(model, _flat(_examples()), mode="standard")
+    assert calls == [torch.Size([1, 29, 32])]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
 def test_chunk_sizes_agree(chunk_size: int) -> None:
     model = _model()
@@ -221,7 +231,10 @@ def test_works_through_ddp_wrapper(tmp_path) -> None:
         batch = _flat(_examples())
         ref_loss, _, ref_grads = _loss_and_grads(_model(), batch, mode="standard")
         ddp = DistributedDataParallel(_model())
+        head_inputs = []
+        ddp.module.lm_head.register_forward_hook(lambda mod, args, out: head_inputs.append(args[0].shape))
         loss, _, grads = _loss_and_grads(ddp, batch)
+        assert head_inputs == [torch.Size([1, 0, 32])]  # via the wrapper's forward, zero positions
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
         _assert_grads_close({k.removeprefix("module."): v for k, v in grads.items()}, ref_grads)
     finally:

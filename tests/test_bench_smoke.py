@@ -1,0 +1,70 @@
+"""Each benchmark runs end to end at tiny sizes and ends with its ratio line (no timings asserted).
+
+The benchmarks are not tests: this only keeps them from rotting. Each runs as a subprocess,
+the way it is documented in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+    )
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, proc.stderr[-3000:]
+    return lines[-1]
+
+
+def test_train_throughput_tiny():
+    assert re.fullmatch(r"train speedup [\d.]+x", last_line(run_bench("train_throughput.py", "--tiny")))
+
+
+def test_generate_tiny():
+    assert re.fullmatch(r"generate speedup [\d.]+x", last_line(run_bench("generate.py", "--tiny")))
+
+
+def test_gpu_dry_run_on_cpu(tmp_path):
+    proc = run_bench("gpu.py", "--dry-run", env={"OUT": str(tmp_path)})
+    assert re.fullmatch(r"gpu train speedup [\d.]+x", last_line(proc))
+    result = json.loads((tmp_path / "gpu_bench.json").read_text(encoding="utf-8"))
+    assert result["dry_run"] and result["loss_check"]["agree"]
+    assert [v["variant"] for v in result["variants"]] == ["A", "B", "B-ckpt", "B-cfg", "B-16"]
+    assert all(v["tok_s"] > 0 and v["measured_steps"] == 2 for v in result["variants"])
+    assert result["speedup"] == pytest.approx(
+        max(v["tok_s"] for v in result["variants"] if v["variant"] != "A" and v["rows_per_step"] == 4)
+        / result["variants"][0]["tok_s"])
+
+
+def test_gpu_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    proc = run_bench("gpu.py", timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_tiny():
+    # over a minute: Prefect's ephemeral server start alone is 15-60 s on 2 shared cores
+    line = last_line(run_bench("pipeline.py", "--tiny", "--repeats", "1", timeout=900))
+    assert re.fullmatch(r"pipeline cached/first [\d.]+%  overhead -?[\d.]+ s", line)

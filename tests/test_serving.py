@@ -1,0 +1,81 @@
+"""Serving the promoted model: `qwen-sft serve-model` answers a question over HTTP on loopback.
+
+The tiny model is trained by the real flow with `registry.auto_promote=true`, so the test also
+checks that a first retraining is gated into @production without a manual promote.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from flows.deploy import check_alias, model_uri, serving_command
+from sft_core.config import load_config
+from sft_core.errors import PromotionError
+from tests.servers import BIN, ServerProcess, child_env, free_port
+from tests.test_flow import FAST
+
+
+def _overrides(workdir: Path) -> list[str]:
+    return [*FAST, f"workdir={workdir}", "registry.name=serve-test-model", "registry.auto_promote=true"]
+
+
+def test_serving_command_targets_the_alias_in_the_configured_store(tmp_path):
+    from tasks.tracking import tracking_uri
+
+    cfg = load_config("demo", _overrides(tmp_path), env={})
+    argv, env = serving_command(cfg, alias="candidate", port=5123)
+    assert argv[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
+    assert argv[argv.index("-m", 3) + 1] == model_uri(cfg, "candidate") == "models:/serve-test-model@candidate"
+    assert argv[argv.index("--env-manager") + 1] == "local" and argv[argv.index("--port") + 1] == "5123"
+    assert env["MLFLOW_TRACKING_URI"] == env["MLFLOW_REGISTRY_URI"] == tracking_uri(cfg)
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # where `uvicorn` is
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_promoted_model_answers_over_http(tmp_path):
+    import mlflow
+
+    from flows.finetune import finetune
+    from tasks.tracking import aliases, tracking_uri
+
+    overrides = _overrides(tmp_path / "workdir")
+    cfg = load_config("demo", overrides, env={})
+    with pytest.raises(PromotionError, match="no @production version"):
+        check_alias(cfg)
+    summary = finetune(config=cfg.model_dump(mode="json"))
+    version = summary["registered"]["version"]
+    assert summary["promoted"]["production"] == version, "auto_promote moves the first candidate to production"
+    assert aliases(cfg) == {"candidate": version, "production": version} and check_alias(cfg) == version
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    info = mlflow.models.get_model_info(model_uri(cfg))
+    assert info.flavors["transformers"]["task"] == "text-generation"
+    assert "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n" in info.metadata["prompt_template"]
+    assert {p.name for p in info.signature.params} == {"max_new_tokens", "do_sample", "temperature", "top_p"}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(BIN / "qwen-sft"), "serve-model", "-c", "demo", *[a for o in overrides for a in ("--set", o)],
+            "--port", str(port)]
+    server = ServerProcess(name="serve-model", argv=argv, env=child_env(HF_HUB_OFFLINE="1"), url=url,
+                           health_url=f"{url}/ping", log_path=tmp_path / "serve-model.log", cwd=tmp_path, timeout=240)
+    try:
+        server.start()
+        questions = ["头痛三天了，应该怎么办？", "发烧到39度需要去医院吗？"]
+        # sampled, so even a barely trained tiny model says something other than blank lines
+        resp = requests.post(f"{url}/invocations", json={"inputs": questions,
+                                                         "params": {"do_sample": True, "max_new_tokens": 16}}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        answers = resp.json()["predictions"]
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+        assert any(a.strip() for a in answers), answers
+        # without params the served model decodes greedily, like evaluation: the same answer twice
+        greedy = [requests.post(f"{url}/invocations", json={"inputs": questions[:1]}, timeout=120) for _ in range(2)]
+        assert [r.status_code for r in greedy] == [200, 200] and greedy[0].json() == greedy[1].json()
+    finally:
+        server.stop()
+    assert server.proc is None
