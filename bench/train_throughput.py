@@ -312,7 +312,7 @@ def main() -> None:
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; MFU = 6 x all trainable params x supervised tokens / s / peak;"
           " tok/cpu-s = supervised tokens per CPU-second per thread (robust to other jobs);"
           " train MB = peak RSS - peak RSS before the first step (runtime, tokenizer, model)")
-    header = (f"{'variant':<9} {'sup tok/s':>9} {'tok/cpu-s':>9} {'peak RSS MB':>11} {'train MB':>8} "
+    header = (f"{'variant':<13} {'sup tok/s':>9} {'tok/cpu-s':>9} {'peak RSS MB':>11} {'train MB':>8} "
               f"{'GFLOP/s':>8} {'MFU':>6} {'final loss':>10}  about")
     print(header)
     print("-" * len(header))
@@ -325,7 +325,7 @@ def main() -> None:
         medians[n] = (tok_s, rss, tok_cpu_s, train_mb)
         gflops = 6 * first["params"] * tok_s / 1e9
         util = mfu(first["params"], tok_s, 1.0, peak)
-        print(f"{n:<9} {tok_s:>9.1f} {tok_cpu_s:>9.1f} {rss:>11.0f} {train_mb:>8.0f} {gflops:>8.1f} {util:>6.1%} {runs[n][0]['final_loss']:>10.4f}  "
+        print(f"{n:<13} {tok_s:>9.1f} {tok_cpu_s:>9.1f} {rss:>11.0f} {train_mb:>8.0f} {gflops:>8.1f} {util:>6.1%} {runs[n][0]['final_loss']:>10.4f}  "
               f"{VARIANTS[n].about}")
 
     a_loss, b_check = runs["A"][0]["first_loss"], runs["B"][0]["check_loss_on_a_ids"]

@@ -304,10 +304,8 @@ def gc(
 
 def _register_extra_commands() -> None:
     """Team-setup commands (deploy, serve, serve-model) live in flows/deploy.py."""
-    try:
-        from flows.deploy import register_commands
-    except ImportError:  # pragma: no cover - during development only
-        return
+    from flows.deploy import register_commands
+
     register_commands(app)
 
 

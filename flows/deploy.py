@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from sft_core.config import PipelineConfig, flatten, redact
-from sft_core.errors import ConfigError, PromotionError, SftError
+from sft_core.errors import ConfigError, OrchestrationError, PromotionError
 
 if TYPE_CHECKING:
     import typer
@@ -31,11 +31,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/finetune.py:finetune"  # relative to the repository root, where the worker runs it
 POOL_TYPE = "process"
 
-
-class OrchestrationError(SftError):
-    """The Prefect API is not configured or does not answer, or a deployment cannot be registered."""
-
-    exit_code = 8
 
 
 # --- what a deployment is made of ---------------------------------------------------------------

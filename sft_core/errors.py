@@ -47,3 +47,9 @@ class PromotionError(SftError):
     """The promotion gate refused a candidate, or the alias to move does not exist."""
 
     exit_code = 7
+
+
+class OrchestrationError(SftError):
+    """The Prefect API is not configured or does not answer, or a deployment cannot be registered."""
+
+    exit_code = 8

@@ -35,9 +35,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    return f"sqlite:///{cfg.workdir_path / 'mlflow.db'}"
+    """`tracking.uri`, else `MLFLOW_TRACKING_URI` where the flow runs (a worker's), else SQLite in the workdir."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}"
 
 
 def artifact_root(cfg: PipelineConfig) -> str | None:

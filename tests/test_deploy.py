@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.deploy import ENTRYPOINT, OrchestrationError, cron_schedule, deploy, deployment_parameters, ensure_work_pool
+from flows.deploy import ENTRYPOINT, cron_schedule, deploy, deployment_parameters, ensure_work_pool
 from sft_core.config import PipelineConfig, load_config
-from sft_core.errors import ConfigError
+from sft_core.errors import ConfigError, OrchestrationError
 from tests.servers import BIN, REPO, child_env, mlflow_server, pg_connect, postgres_database, prefect_server
 from tests.test_flow import FAST
 
