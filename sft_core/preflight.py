@@ -59,8 +59,7 @@ def preflight(cfg: PipelineConfig) -> None:
     """Everything checkable without downloading or training."""
     check_output_paths(cfg)
     check_sources(cfg)
-    m = cfg.model.source
-    if not m.startswith(REMOTE_PREFIXES):
-        from sft_core.modeling import load_tokenizer, resolve_model_dir
+    from sft_core.modeling import load_tokenizer, model_is_local, resolve_model_dir
 
+    if model_is_local(cfg.model, cfg.workdir_path):  # downloads and builds wait for the base-model task
         check_prompt_fits(cfg, load_tokenizer(resolve_model_dir(cfg.model, cfg.workdir_path)))

@@ -153,7 +153,10 @@ def tokenize(cfg: PipelineConfig, splits: dict, model_dir: str, folder: Path) ->
     from sft_core.modeling import load_tokenizer
     from sft_core.tokenize import tokenize_rows
 
+    from sft_core.preflight import check_prompt_fits
+
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    check_prompt_fits(cfg, tokenizer)  # a downloaded model's tokenizer is first seen here
     d = cfg.data
     stats = {}
     for name in ("train", "val"):

@@ -80,10 +80,12 @@ def test_bad_config_fails_before_any_work_naming_the_key(override: str, named: s
 
 def test_max_length_shorter_than_the_prompt_is_refused(tmp_path: Path):
     from sft_core.errors import ConfigError
+    from sft_core.modeling import resolve_model_dir
     from sft_core.preflight import preflight
 
     cfg = load_config("demo", [f"workdir={tmp_path}", "data.max_length=64",
                                f"data.system_prompt={'很长的系统提示' * 30}"], env={})
+    resolve_model_dir(cfg.model, cfg.workdir_path)  # a local model: checked before any work
     with pytest.raises(ConfigError, match=r"data\.max_length=64"):
         preflight(cfg)
 
