@@ -23,9 +23,9 @@ and the projected time of the full job: 2 epochs x 1,800 train rows (2,000 x 0.9
 mean supervised tokens per row, at the measured tokens/s (evaluation and saving excluded).
 A variant that runs out of memory is reported as OOM and the others still run.
 
-    python bench/gpu.py                          # one CUDA GPU, ~2-4 minutes
+    python bench/gpu.py                          # one CUDA GPU; stops new variants after 420 s
     python bench/gpu.py --variants A,B --steps 20
-    python bench/gpu.py --dry-run                # CPU: hidden 64, 2 layers, max_len 256, 2 steps
+    python bench/gpu.py --dry-run                # CPU: hidden 64, 2 layers, vocab 8192, max_len 256, 2 steps
 
 Writes ``$OUT/gpu_bench.json`` when ``OUT`` is set (or ``--json PATH``). Ends with one line:
 ``gpu train speedup N.NNx`` (the fastest 4-rows-per-step B variant over A, in tokens/s).

@@ -163,6 +163,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     from sft_core.loss import compute_sft_loss
 
     v = VARIANTS[name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer, tok_kind = load_tokenizer()
     rows, source = load_rows(args.rows)
@@ -267,11 +269,12 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rows", type=int, default=48)
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps of 4 rows (the first is a warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps of 4 rows (the first is a warm-up)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--vocab", type=int, default=0, help="model vocab size (0: 151,936)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
     p.add_argument("--variants", default="A,B", help=f"comma-separated, from {','.join(VARIANTS)}; A and B required")
     p.add_argument("--tiny", action="store_true", help="smoke run: hidden 32, 1 layer, 8 rows, 2 steps, 1 repeat")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
@@ -289,19 +292,20 @@ def main() -> None:
     if unknown or not {"A", "B"} <= set(names):
         raise SystemExit(f"--variants: need A and B, known {sorted(VARIANTS)}; got unknown {unknown}")
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-            ("hidden", "layers", "rows", "steps", "max_length", "chunk_size", "vocab")]
+            ("hidden", "layers", "rows", "steps", "max_length", "chunk_size", "vocab", "threads")]
 
     import torch
 
     from bench.flops import measure_matmul_peak, mfu
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = measure_matmul_peak(torch.float32, "cpu")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.repeats):
         for n in names:  # interleaved, so background load hits every variant alike
             runs[n].append(child_result(n, argv))
-            print(f"  repeat {r + 1}/{args.repeats} {n}: {runs[n][-1]['tok_s']:.1f} tok/s, "
-                  f"{runs[n][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            print(f"  repeat {r + 1}/{args.repeats} {n}: " + json.dumps(runs[n][-1]), file=sys.stderr, flush=True)
 
     first = runs["A"][0]
     print(f"model: Qwen2-shaped hidden {args.hidden}, {args.layers} layers, vocab {first['vocab']:,}, "
@@ -325,8 +329,8 @@ def main() -> None:
         medians[n] = (tok_s, rss, tok_cpu_s, train_mb)
         gflops = 6 * first["params"] * tok_s / 1e9
         util = mfu(first["params"], tok_s, 1.0, peak)
-        print(f"{n:<13} {tok_s:>9.1f} {tok_cpu_s:>9.1f} {rss:>11.0f} {train_mb:>8.0f} {gflops:>8.1f} {util:>6.1%} {runs[n][0]['final_loss']:>10.4f}  "
-              f"{VARIANTS[n].about}")
+        print(f"{n:<13} {tok_s:>9.1f} {tok_cpu_s:>9.1f} {rss:>11.0f} {train_mb:>8.0f} {gflops:>8.1f} {util:>6.1%} "
+              f"{runs[n][0]['final_loss']:>10.4f}  {VARIANTS[n].about}")
 
     a_loss, b_check = runs["A"][0]["first_loss"], runs["B"][0]["check_loss_on_a_ids"]
     agree = abs(a_loss - b_check) <= 1e-4 * max(1.0, abs(a_loss))

@@ -100,12 +100,12 @@ def compute_sft_loss(
     else:
         raise ConfigError(f"compute_sft_loss: mode must be 'chunked' or 'standard', got {mode!r}")
 
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
-        loss = loss_sum / num_items_in_batch
+    if num_items_in_batch is None:
+        num_items_in_batch = num_tokens
+    if isinstance(num_items_in_batch, Tensor):  # HF Trainer passes a tensor, maybe on another device
+        loss = loss_sum / num_items_in_batch.to(loss_sum.device).clamp(min=1)
     else:
-        loss = loss_sum / max(num_tokens, 1)
+        loss = loss_sum / max(num_items_in_batch, 1)  # an all-masked window gives 0, not NaN
     return loss, {"num_tokens": num_tokens, "num_correct": int(num_correct)}
 
 

@@ -34,9 +34,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+# read once at import: `mlflow.set_tracking_uri` writes this variable, so a later read would see our own last URI
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
     """`tracking.uri`, else `MLFLOW_TRACKING_URI` where the flow runs (a worker's), else SQLite in the workdir."""
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}"
+    return cfg.tracking.uri or _ENV_TRACKING_URI or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}"
 
 
 def artifact_root(cfg: PipelineConfig) -> str | None:

@@ -55,3 +55,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _isolate_tracking_env(monkeypatch):
+    """`mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI into os.environ: keep one test's URI out of the next."""
+    import sys
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    for key in keys:
+        os.environ.pop(key, None)
+    if "tasks.tracking" in sys.modules:
+        monkeypatch.setattr(sys.modules["tasks.tracking"], "_ENV_TRACKING_URI", None)
+    yield
+    for key in keys:
+        os.environ.pop(key, None)

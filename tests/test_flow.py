@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 FAST = [
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
     "data.max_length=256",
-    "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "train.logging_steps=1",
+    "train.max_steps=24", "train.eval_steps=12", "train.save_steps=12", "train.logging_steps=1",
     "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
     "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=4",
     "registry.name=flow-test-model",
@@ -67,7 +67,7 @@ def test_first_run_tracks_everything(first, server):
     cfg, summary, seconds = first
     print(f"first run: {seconds:.1f} s")
     assert all(r["status"] == "ran" for r in summary["stages"] if r["stage"] != "base-model")
-    assert summary["train_steps"] == 6
+    assert summary["train_steps"] == 24
     c = _client(server)
     run = c.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
@@ -94,10 +94,10 @@ def test_first_run_tracks_everything(first, server):
     assert any(f.startswith("checkpoints/checkpoint-") for f in files)
     # per-step curves
     loss = c.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted({m.step for m in loss}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({m.step for m in loss}) == list(range(1, 25))
     for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second"):
-        assert len(c.get_metric_history(run.info.run_id, key)) >= 6, key
-    assert {m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")} >= {3, 6}
+        assert len(c.get_metric_history(run.info.run_id, key)) >= 24, key
+    assert {m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")} >= {12, 24}
     # final metrics
     for key in ("eval/loss", "eval/perplexity", "eval/token_accuracy", "gen/format_ok_rate", "gen/rouge_l",
                 "gen/stop_rate", "gen/mean_think_chars", "gen/mean_answer_chars"):
@@ -124,7 +124,7 @@ def test_second_run_is_all_cached_and_fast(first, server):
     assert seconds <= 0.10 * first_seconds
     c = _client(server)
     assert len(c.search_model_versions("name = 'flow-test-model'")) == 1
-    assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == list(range(1, 25))
 
 
 def test_eval_change_reruns_only_evaluation_stages(first, workdir, server):
@@ -139,7 +139,7 @@ def test_eval_change_reruns_only_evaluation_stages(first, workdir, server):
     assert result["run_id"] != summary["run_id"], "a new config is a new MLflow run"
     # the new run still has the full training curves (copied from the cached train stage)
     c = _client(server)
-    assert len({m.step for m in c.get_metric_history(result["run_id"], "train/loss")}) == 6
+    assert len({m.step for m in c.get_metric_history(result["run_id"], "train/loss")}) == 24
     assert result["registered"]["version"] == summary["registered"]["version"] + 1
 
 

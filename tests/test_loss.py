@@ -189,6 +189,8 @@ def test_fully_masked_batch_gives_zero_loss_that_backpropagates(mode: str) -> No
     loss, stats = compute_sft_loss(model, batch, mode=mode)
     assert stats == {"num_tokens": 0, "num_correct": 0}
     assert loss.item() == 0.0 and loss.requires_grad
+    for n_items in (0, torch.tensor(0)):  # a whole accumulation window without supervised tokens
+        assert compute_sft_loss(model, batch, mode=mode, num_items_in_batch=n_items)[0].item() == 0.0
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() and not g.any() for g in grads)
