@@ -18,7 +18,7 @@ subprocess so that its peak RSS is its own; runs are interleaved and the median 
 --repeats is reported. The first optimizer step is a warm-up and is not timed.
 
     timeout 1200 .venv/bin/python bench/train_throughput.py            # full (minutes)
-    .venv/bin/python bench/train_throughput.py --tiny                  # smoke (seconds)
+    .venv/bin/python bench/train_throughput.py --tiny                  # smoke (about a minute)
     .venv/bin/python bench/train_throughput.py --variants A,B,B-nockpt,B-flat,B-bs1
 
 Ends with one line: ``train speedup N.NNx`` (B tok/s over A tok/s, wall clock).
@@ -160,6 +160,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+    from bench.flops import measure_matmul_peak
     from sft_core.loss import compute_sft_loss
 
     v = VARIANTS[name]
@@ -210,6 +211,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
                 float(loss_of(b, sum(supervised(ex["labels"]) for ex in group))) for b in micro_batches(group)
             )
 
+    peak_flops = measure_matmul_peak(torch.float32, "cpu")  # here, under the same load as the run
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses, times, cpu_times, tokens = [], [], [], []
     for step in range(args.steps):
@@ -244,6 +246,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         "final_loss": losses[-1],
         "check_loss_on_a_ids": check_loss,
         "params": params,
+        "peak_flops": peak_flops,
         "vocab": vocab,
         "tokenizer": tok_kind,
         "rows_source": source,
@@ -296,11 +299,8 @@ def main() -> None:
 
     import torch
 
-    from bench.flops import measure_matmul_peak, mfu
+    from bench.flops import mfu
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    peak = measure_matmul_peak(torch.float32, "cpu")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.repeats):
         for n in names:  # interleaved, so background load hits every variant alike
@@ -308,12 +308,13 @@ def main() -> None:
             print(f"  repeat {r + 1}/{args.repeats} {n}: " + json.dumps(runs[n][-1]), file=sys.stderr, flush=True)
 
     first = runs["A"][0]
+    peak = statistics.median(x["peak_flops"] for n in names for x in runs[n])
     print(f"model: Qwen2-shaped hidden {args.hidden}, {args.layers} layers, vocab {first['vocab']:,}, "
           f"{first['params'] / 1e6:.1f}M trainable params (tied embedding/lm_head counted once); fp32 CPU, "
           f"{first['threads']} threads, load avg {os.getloadavg()[0]:.1f}")
     print(f"data: {args.rows} rows from {first['rows_source']} ({first['tokenizer']} tokenizer), max length "
           f"{args.max_length}, {args.steps} steps x 4 rows (first untimed), median of {args.repeats}")
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; MFU = 6 x all trainable params x supervised tokens / s / peak;"
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^2 matmul, median over the runs); MFU = 6 x all trainable params x supervised tokens / s / peak;"
           " tok/cpu-s = supervised tokens per CPU-second per thread (robust to other jobs);"
           " train MB = peak RSS - peak RSS before the first step (runtime, tokenizer, model)")
     header = (f"{'variant':<13} {'sup tok/s':>9} {'tok/cpu-s':>9} {'peak RSS MB':>11} {'train MB':>8} "

@@ -114,7 +114,8 @@ def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
     with pytest.raises(DataValidationError):
         finetune(config=cfg.model_dump(mode="json"))
     assert not (tmp_path / "train").exists()
-    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri, registry_uri=uri)  # without registry_uri it follows the global URI of an earlier test
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not c.search_registered_models()
@@ -156,7 +157,8 @@ def test_kill_9_during_training_then_rerun_resumes_the_same_run(tmp_path: Path):
     done = json.loads((train_dir / "_DONE.json").read_text())
     assert done["resumed_from"] and "checkpoint-" in done["resumed_from"]
     assert done["global_step"] == 40
-    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri, registry_uri=uri)  # without registry_uri it follows the global URI of an earlier test
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the resumed run continues the same MLflow run"
     steps = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
