@@ -297,8 +297,6 @@ def main() -> None:
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
             ("hidden", "layers", "rows", "steps", "max_length", "chunk_size", "vocab", "threads")]
 
-    import torch
-
     from bench.flops import mfu
 
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -314,7 +312,8 @@ def main() -> None:
           f"{first['threads']} threads, load avg {os.getloadavg()[0]:.1f}")
     print(f"data: {args.rows} rows from {first['rows_source']} ({first['tokenizer']} tokenizer), max length "
           f"{args.max_length}, {args.steps} steps x 4 rows (first untimed), median of {args.repeats}")
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^2 matmul, median over the runs); MFU = 6 x all trainable params x supervised tokens / s / peak;"
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^2 matmul, median over the runs)")
+    print("MFU = 6 x all trainable params (lm_head/embedding included) x supervised tokens / s / peak;"
           " tok/cpu-s = supervised tokens per CPU-second per thread (robust to other jobs);"
           " train MB = peak RSS - peak RSS before the first step (runtime, tokenizer, model)")
     header = (f"{'variant':<13} {'sup tok/s':>9} {'tok/cpu-s':>9} {'peak RSS MB':>11} {'train MB':>8} "
