@@ -51,7 +51,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# the tests' FAST overrides (tests/test_flow.py): a whole flow run in well under a minute
+# small shapes for the smoke run (like tests/test_flow.py FAST, with fewer steps): a flow run in well under a minute
 TINY = [
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
     "data.max_length=256",
