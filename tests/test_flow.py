@@ -112,16 +112,30 @@ def test_first_run_tracks_everything(first, server):
     assert "eval_loss" in mv.tags and mv.tags["run_id"] == run.info.run_id
 
 
-def test_second_run_is_all_cached_and_fast(first, server):
+def _stage_files(workdir: Path) -> dict[str, tuple[int, int]]:
+    """Every file the stages wrote, with its size and mtime (ns): a stage that redid work changes them."""
+    stages = ("ingest", "validate", "split", "tokenize", "train", "evaluate", "generate")
+    return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for stage in stages for p in sorted((workdir / stage).rglob("*")) if p.is_file()}
+
+
+def test_second_run_is_all_cached(first, workdir, server):
+    """Nothing is redone: every stage reports cached and no stage output is rewritten.
+
+    How much faster the cached run is, is measured by bench/pipeline.py (BENCHMARKS.md), not asserted here:
+    wall-clock ratios flake on a shared CI machine.
+    """
     cfg, summary, first_seconds = first
+    before = _stage_files(workdir)
+    assert any(k.startswith("train/") and k.endswith(".safetensors") for k in before)
     again, seconds = _run(cfg)
     print(f"first run {first_seconds:.1f} s, cached re-run {seconds:.1f} s ({seconds / first_seconds:.1%})")
+    assert _stage_files(workdir) == before, "a cached re-run rewrote stage outputs"
     statuses = {r["stage"]: r["status"] for r in again["stages"]}
     assert set(statuses.values()) == {"cached"}, statuses
     assert again["run_id"] == summary["run_id"], "a re-run continues the same MLflow run"
     assert again["registered"]["version"] == summary["registered"]["version"], "no duplicate version"
     assert not again["retrained"]
-    assert seconds <= 0.10 * first_seconds
     c = _client(server)
     assert len(c.search_model_versions("name = 'flow-test-model'")) == 1
     assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == list(range(1, 25))
