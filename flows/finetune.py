@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -59,19 +60,25 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     log = get_run_logger()
     cfg = PipelineConfig.model_validate(config)
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
+    tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
     step = StageTimer()
     key = stages.ingest_key(cfg)
     raw = step("ingest", data_tasks.ingest, cfg, stages.stage_dir(cfg, "ingest", key or "latest"), refresh=refresh or key is None)
     run_key = f"{cfg.config_hash()}-{raw['digest'][:16]}"
-    run_id, resumed = tracking.start_or_resume_run(cfg, run_key, _run_name(), _run_tags(cfg, raw))
-    log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
+    # the MLflow run starts in the background: the data stages below do not need it
+    background = ThreadPoolExecutor(1, thread_name_prefix="mlflow-run")
+    pending = background.submit(tracking.start_or_resume_run, cfg, run_key, _run_name(), _run_tags(cfg, raw))
+    background.shutdown(wait=False)
+    run_id = None
     try:
         valid = step("validate", data_tasks.validate, cfg, raw, stages.stage_dir(cfg, "validate", stages.validate_key(cfg, raw)), refresh=refresh)
         splits = step("split", data_tasks.split, cfg, valid, stages.stage_dir(cfg, "split", stages.split_key(cfg, valid)), refresh=refresh)
         model_dir = step("base-model", model.base_model, cfg)["model_dir"]
         tok_key = stages.tokenize_key(cfg, splits)
         tokens = step("tokenize", data_tasks.tokenize, cfg, splits, model_dir, stages.stage_dir(cfg, "tokenize", tok_key), refresh=refresh)
+        run_id, resumed = pending.result()
+        log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
         registry.track_data(cfg, run_id, raw, valid, splits, tokens)
         trn_key = stages.train_key(cfg, tok_key)
         trained = step("train", training.train, cfg, tokens, model_dir, stages.stage_dir(cfg, "train", trn_key), run_id=run_id, refresh=refresh)
@@ -97,7 +104,9 @@ def finetune(config: dict, refresh: bool = False) -> dict:
         tracking.set_tags(cfg, run_id, {"prefect.flow_run_id": str(flow_run.id), "qwen_sft.stages": _stage_summary(step.rows)})
         tracking.end_run(cfg, run_id, "FINISHED")
     except BaseException:
-        tracking.end_run(cfg, run_id, "FAILED")
+        run_id = run_id or _started_run(pending)
+        if run_id:
+            tracking.end_run(cfg, run_id, "FAILED")
         raise
     url = tracking.run_url(cfg, run_id)
     retrained = any(r["stage"] == "train" and r["status"] == "ran" for r in step.rows)
@@ -109,6 +118,14 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     create_markdown_artifact(markdown=_markdown(cfg, summary), key="finetune-summary",
                              description="qwen-sft run summary")
     return summary
+
+
+def _started_run(pending: Future) -> str | None:
+    """The run id of a background run start, or None if the start itself failed."""
+    try:
+        return pending.result()[0]
+    except Exception:  # the stage error is the one to report; the run start's own error is secondary
+        return None
 
 
 def _run_tags(cfg: PipelineConfig, raw: dict) -> dict[str, str]:

@@ -11,8 +11,10 @@ import contextlib
 import getpass
 import importlib
 import json
+import logging
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +27,7 @@ from typing import Any
 from sft_core.config import PipelineConfig
 from sft_core.errors import PromotionError, TrackingError
 
+log = logging.getLogger(__name__)
 RUN_KEY_TAG = "qwen_sft.run_key"
 ALIASES = ("candidate", "production", "previous")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -51,9 +54,70 @@ def artifact_root(cfg: PipelineConfig) -> str | None:
     return (cfg.workdir_path / "mlartifacts").as_uri()
 
 
+_store_builders: dict[str, tuple[subprocess.Popen, Any]] = {}  # sqlite URI -> (child creating it, its stderr)
+_stores_ready: set[str] = set()
+_STORE_LOCK = threading.Lock()
+_BUILD_STORE = """
+import sys
+from filelock import FileLock
+import mlflow
+with FileLock(sys.argv[2]):
+    mlflow.MlflowClient(sys.argv[1]).search_experiments(max_results=1)
+"""
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def warm_store(cfg: PipelineConfig) -> bool:
+    """Start creating a new embedded SQLite store in a child process; True if one was started.
+
+    A fresh MLflow store costs seconds of schema migrations (plus the child's own `import mlflow`).
+    Done by a child on the other core while ingest and validation run, they leave the critical
+    path; the first `client()` for that URI waits for the child. Any other URI: nothing to do.
+    """
+    uri = tracking_uri(cfg)
+    db = _sqlite_file(uri)
+    with _STORE_LOCK:
+        if db is None or db.exists() or uri in _store_builders or uri in _stores_ready:
+            return False
+        db.parent.mkdir(parents=True, exist_ok=True)
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen([sys.executable, "-c", _BUILD_STORE, uri, f"{db}.init.lock"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        _store_builders[uri] = (proc, err)
+    return True
+
+
+def _ensure_store(uri: str) -> None:
+    """Wait for a `warm_store` child; create a SQLite store under a file lock (other processes may too)."""
+    db = _sqlite_file(uri)
+    if db is None or uri in _stores_ready:
+        return
+    from filelock import FileLock
+    import mlflow
+
+    with _STORE_LOCK:
+        if uri in _stores_ready:
+            return
+        builder = _store_builders.pop(uri, None)
+        if builder is not None:
+            proc, err = builder
+            if proc.wait() != 0:  # not fatal: this process creates the store itself below
+                err.seek(0)
+                tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+                log.warning("background creation of the MLflow store %s failed (%s); creating it here", uri, tail)
+            err.close()
+        with FileLock(f"{db}.init.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        _stores_ready.add(uri)
+
+
 def client(cfg: PipelineConfig):
     import mlflow
 
+    _ensure_store(tracking_uri(cfg))
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_registry_uri(tracking_uri(cfg))
     return mlflow.MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))

@@ -11,6 +11,7 @@ import torch
 
 from sft_core.config import TinyModelConfig
 from sft_core.generate import (
+    _skinny_lm_head,
     Generation,
     generate_answers,
     generation_metrics,
@@ -217,6 +218,26 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
         assert g.text == tok.decode(kept, skip_special_tokens=True), q
         assert g.new_tokens == (len(single) if end is None else end + 1)
         assert g.stopped == (end is not None)
+
+
+def test_skinny_output_projection_matches_and_is_put_back(tiny):
+    """The CPU-only (W @ hᵀ)ᵀ head gives the logits of F.linear and is removed afterwards, even on errors."""
+    model, tok = tiny
+    head = model.get_output_embeddings()
+    hidden = torch.randn(3, 2, model.config.hidden_size)
+    with torch.inference_mode():
+        plain = head(hidden)
+        with _skinny_lm_head(model):
+            assert "forward" in vars(head)
+            skinny = head(hidden)
+        assert "forward" not in vars(head)
+        with pytest.raises(RuntimeError), _skinny_lm_head(model):
+            raise RuntimeError("boom")
+    assert "forward" not in vars(head)
+    assert skinny.shape == plain.shape
+    torch.testing.assert_close(skinny, plain, rtol=1e-5, atol=1e-5)
+    generate_answers(model, tok, QUESTIONS[:2], system_prompt=SYSTEM, max_new_tokens=2)
+    assert "forward" not in vars(head)
 
 
 def test_batch_size_does_not_change_greedy_output(tiny):
