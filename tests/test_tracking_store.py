@@ -1,0 +1,49 @@
+"""The embedded MLflow store is created by a child process while the data stages run."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from sft_core.config import load_config
+from tasks import tracking
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config("demo", [f"workdir={tmp_path}", *extra], env={})
+
+
+def _tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+
+
+def test_a_new_embedded_store_is_built_by_a_child_then_used(tmp_path: Path):
+    cfg = _cfg(tmp_path)
+    uri = tracking.tracking_uri(cfg)
+    db = tmp_path / "mlflow.db"
+    assert tracking.warm_store(cfg) is True
+    proc, _ = tracking._store_builders[uri]
+    assert proc.pid != os.getpid()
+    assert tracking.warm_store(cfg) is False, "one builder per store"
+    assert proc.wait(timeout=120) == 0
+    assert {"experiments", "runs", "registered_models", "alembic_version"} <= _tables(db)
+    exp_id = tracking.ensure_experiment(cfg)  # waits for (here: collects) the child, then uses the store
+    assert uri not in tracking._store_builders and uri in tracking._stores_ready
+    assert tracking.client(cfg).get_experiment(exp_id).name == tracking.experiment_name(cfg)
+
+
+def test_an_existing_store_or_a_server_needs_no_builder(tmp_path: Path):
+    cfg = _cfg(tmp_path)
+    tracking.ensure_experiment(cfg)  # creates the store in this process
+    assert tracking.warm_store(cfg) is False
+    assert tracking.warm_store(_cfg(tmp_path / "other", "tracking.uri=http://127.0.0.1:9")) is False
+
+
+def test_a_failed_builder_is_not_fatal(tmp_path: Path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    monkeypatch.setattr(tracking, "_BUILD_STORE", "import sys; sys.exit('no store for you')")
+    assert tracking.warm_store(cfg) is True
+    assert tracking.ensure_experiment(cfg)  # this process builds the store itself
+    assert "experiments" in _tables(tmp_path / "mlflow.db")
