@@ -77,7 +77,7 @@ def finetune(config: dict, refresh: bool = False) -> dict:
         model_dir = step("base-model", model.base_model, cfg)["model_dir"]
         tok_key = stages.tokenize_key(cfg, splits)
         tokens = step("tokenize", data_tasks.tokenize, cfg, splits, model_dir, stages.stage_dir(cfg, "tokenize", tok_key), refresh=refresh)
-        run_id, resumed = pending.result()
+        run_id, resumed = _await_run(pending)
         log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
         registry.track_data(cfg, run_id, raw, valid, splits, tokens)
         trn_key = stages.train_key(cfg, tok_key)
@@ -118,6 +118,11 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     create_markdown_artifact(markdown=_markdown(cfg, summary), key="finetune-summary",
                              description="qwen-sft run summary")
     return summary
+
+
+def _await_run(pending: Future) -> tuple[str, bool]:
+    """(run id, resumed) of the background run start; waits for it if it is still going."""
+    return pending.result()
 
 
 def _started_run(pending: Future) -> str | None:

@@ -11,7 +11,7 @@ from tasks import tracking
 @task(name="track-data")
 def track_data(cfg: PipelineConfig, run_id: str, raw: dict, valid: dict, splits: dict, tokens: dict) -> None:
     """Config, lineage, validation report + Data Docs, token statistics."""
-    if tracking.tag_value(cfg, run_id, "qwen_sft.logged.data") == splits["train_digest"] + tokens["folder"]:
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", splits["train_digest"] + tokens["folder"]):
         return
     tracking.log_config(cfg, run_id)
     tracking.log_dataset_inputs(cfg, run_id, splits, raw["location"])
@@ -35,7 +35,7 @@ def track_training(cfg: PipelineConfig, run_id: str, trained: dict) -> None:
     from pathlib import Path
 
     marker = f"{trained['folder']}:{Path(trained['metrics_file']).stat().st_size}"
-    if tracking.tag_value(cfg, run_id, "qwen_sft.logged.train") == marker:
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.train", marker):
         return
     sent = tracking.sync_training_metrics(cfg, run_id, trained["metrics_file"])
     if sent:
@@ -57,7 +57,7 @@ def track_evaluation(cfg: PipelineConfig, run_id: str, evaluated: dict, generate
     if base:
         metrics.update({f"base/gen/{k}": v for k, v in base["metrics"].items()})
     marker = generated["folder"] + (base["folder"] if base else "")
-    if tracking.tag_value(cfg, run_id, "qwen_sft.logged.eval") == marker:
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.eval", marker):
         return metrics
     tracking.log_metrics(cfg, run_id, metrics, step=0)
     tracking.log_predictions(cfg, run_id, generated["predictions"])

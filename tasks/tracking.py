@@ -56,6 +56,7 @@ def artifact_root(cfg: PipelineConfig) -> str | None:
 
 _store_builders: dict[str, tuple[subprocess.Popen, Any]] = {}  # sqlite URI -> (child creating it, its stderr)
 _stores_ready: set[str] = set()
+_resumed_tags: dict[str, dict[str, str]] = {}  # run id -> its tags when this process resumed it
 _STORE_LOCK = threading.Lock()
 _BUILD_STORE = """
 import sys
@@ -194,6 +195,7 @@ def _start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags:
                           order_by=["attributes.start_time DESC"])
     if found:
         run_id = found[0].info.run_id
+        _resumed_tags[run_id] = dict(found[0].data.tags)
         c.update_run(run_id, status="RUNNING")
         set_tags(cfg, run_id, tags)
         return run_id, True
@@ -619,3 +621,14 @@ def _user() -> str:
 
 def tag_value(cfg: PipelineConfig, run_id: str, key: str) -> str | None:
     return client(cfg).get_run(run_id).data.tags.get(key)
+
+
+def is_logged(cfg: PipelineConfig, run_id: str, key: str, marker: str) -> bool:
+    """Whether the run's `key` tag says `marker` was logged.
+
+    The tags read when this process resumed the run answer "yes" without a round-trip (a
+    marker tag is only ever set after its logging finished); anything else asks the store.
+    """
+    if _resumed_tags.get(run_id, {}).get(key) == marker:
+        return True
+    return tag_value(cfg, run_id, key) == marker

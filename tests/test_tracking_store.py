@@ -47,3 +47,18 @@ def test_a_failed_builder_is_not_fatal(tmp_path: Path, monkeypatch):
     assert tracking.warm_store(cfg) is True
     assert tracking.ensure_experiment(cfg)  # this process builds the store itself
     assert "experiments" in _tables(tmp_path / "mlflow.db")
+
+
+def test_is_logged_trusts_a_resumed_runs_tags_and_otherwise_asks_the_store(tmp_path: Path):
+    cfg = _cfg(tmp_path)
+    run_id, resumed = tracking.start_or_resume_run(cfg, "key-1", "run", {})
+    assert not resumed
+    assert not tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m1")
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": "m1"})
+    assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m1"), "asks the store: not resumed here"
+    again, resumed = tracking.start_or_resume_run(cfg, "key-1", "run", {})
+    assert (again, resumed) == (run_id, True)
+    assert tracking._resumed_tags[run_id]["qwen_sft.logged.data"] == "m1"
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": "m2"})  # logged after the resume: the store knows
+    assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m2")
+    assert not tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m3")
