@@ -173,9 +173,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 torch.mm(h, weight.t(), out=logits)
             else:
                 logits.copy_(F.linear(h, weight, bias))
-            top, predicted = logits.max(dim=-1)
-            correct += (predicted == t).sum()
+            # amax: a quarter of max()'s time on CPU (no indices); a token is correct when its
+            # target's logit is the row maximum (argmax == target but for exact ties)
+            top = logits.amax(dim=-1)
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            correct += (target_logit >= top).sum()
             e = logits.sub_(top[:, None]).exp_()  # exp(logits - max), in place
             total = e.sum(dim=-1)
             loss_sum += (top + total.log() - target_logit).sum()
