@@ -90,7 +90,11 @@ class TrainConfig(_Section):
     save_steps: int = Field(default=400, ge=1)
     save_total_limit: int = Field(default=2, ge=1)
     gradient_checkpointing: bool = True
-    padding_free: bool = True
+    # auto: padding-free on accelerators; padded batches on CPU, where SDPA with a packed mask
+    # does ~4x the attention work of padded rows (BENCHMARKS.md, training throughput)
+    padding_free: bool | Literal["auto"] = "auto"
+    # supervised tokens per lm_head + cross-entropy chunk (sft_core.loss); 0: 256 on CPU, 1024 on a GPU
+    loss_chunk_size: int = Field(default=0, ge=0)
     group_by_length: bool = True
     loss: Literal["chunked", "standard"] = "chunked"
     seed: int = 42

@@ -50,6 +50,16 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
 
 
+def resolve_padding_free(setting: bool | str, device: str) -> bool:
+    """`train.padding_free`: auto = padding-free on accelerators, padded batches on CPU."""
+    return device != "cpu" if setting == "auto" else bool(setting)
+
+
+def resolve_loss_chunk_size(size: int, device: str) -> int:
+    """`train.loss_chunk_size`: 0 = 256 tokens on CPU (a 151,936-wide fp32 chunk is 155 MB), 1024 on a GPU."""
+    return size or (256 if device == "cpu" else 1024)
+
+
 def make_collator(tokenizer: Any, *, padding_free: bool, attn_implementation: str, pad_to_multiple_of: int | None = None):
     """Padding-free flattening where attention keeps examples apart, else dynamic padding."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
@@ -113,15 +123,17 @@ def make_trainer_class():
     class SFTTrainer(Trainer):
         loss_mode: str = "chunked"
 
-        def __init__(self, *args: Any, loss_mode: str = "chunked", **kwargs: Any) -> None:
+        def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = 1024, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.loss_mode = loss_mode
+            self.loss_chunk_size = loss_chunk_size
             self._supervised_tokens = 0
             self._tokens_clock = time.perf_counter()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {k: v for k, v in inputs.items() if k != "length"}
-            loss, stats = compute_sft_loss(model, inputs, num_items_in_batch=num_items_in_batch, mode=self.loss_mode)
+            loss, stats = compute_sft_loss(model, inputs, num_items_in_batch=num_items_in_batch, mode=self.loss_mode,
+                                            chunk_size=self.loss_chunk_size)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # the count is summed over ranks and DDP averages gradients (as Trainer does)
             if model.training:
@@ -198,7 +210,8 @@ def run_training(
     if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
     args = build_training_args(tc, out, device=device, bf16=dtype == torch.bfloat16 and device == "cuda", has_eval=eval_ds is not None)
-    collator = make_collator(tokenizer, padding_free=tc.padding_free, attn_implementation=cfg.model.attn_implementation,
+    collator = make_collator(tokenizer, padding_free=resolve_padding_free(tc.padding_free, device),
+                             attn_implementation=cfg.model.attn_implementation,
                              pad_to_multiple_of=8 if device == "cuda" else None)
     metrics_file = out / "metrics.jsonl"
     trainer = make_trainer_class()(
@@ -211,6 +224,7 @@ def run_training(
         callbacks=[make_metrics_callback(metrics_file, sink), *(extra_callbacks or [])],
         # the chunked loss calls the lm_head outside the wrapper's forward: fine for DDP, not for sharded weights
         loss_mode=tc.loss if tc.num_processes == 1 or tc.accelerate_config == "ddp" else "standard",
+        loss_chunk_size=resolve_loss_chunk_size(tc.loss_chunk_size, device),
     )
     resume = last_checkpoint(out)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -121,3 +121,20 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
     base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert any(not torch.equal(a[k], base[k]) for k in a), "training changed nothing"
+
+
+def test_cpu_and_gpu_defaults_for_batching_and_loss_chunks():
+    from sft_core.config import load_config
+    from sft_core.errors import ConfigError
+    from sft_core.train import resolve_loss_chunk_size, resolve_padding_free
+
+    assert resolve_padding_free("auto", "cpu") is False  # SDPA with a packed mask is slower on CPU
+    assert resolve_padding_free("auto", "cuda") is True
+    assert resolve_padding_free(True, "cpu") is True and resolve_padding_free(False, "cuda") is False
+    assert (resolve_loss_chunk_size(0, "cpu"), resolve_loss_chunk_size(0, "cuda"), resolve_loss_chunk_size(64, "cpu")) == (256, 1024, 64)
+    assert load_config("demo", ["train.padding_free=auto"], env={}).train.padding_free == "auto"
+    assert load_config("demo", ["train.padding_free=false"], env={}).train.padding_free is False
+    with pytest.raises(ConfigError, match="train.padding_free"):
+        load_config("demo", ["train.padding_free=sometimes"], env={})
+    with pytest.raises(ConfigError, match="train.loss_chunk_size"):
+        load_config("demo", ["train.loss_chunk_size=-1"], env={})
