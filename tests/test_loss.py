@@ -283,3 +283,42 @@ def test_second_backward_through_chunked_loss_raises() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
+
+
+def test_a_right_padding_mask_is_dropped_and_a_left_padding_one_kept() -> None:
+    """Right padding cannot reach a real token of a causal model: the mask goes, the loss stays."""
+    from sft_core.loss import _without_redundant_mask
+
+    model = _model()
+    rows = _examples()
+    right = _pad_rows(rows)
+    assert right["attention_mask"].min() == 0, "the fixture must pad"
+    assert "attention_mask" not in _without_redundant_mask(dict(right))
+    left = {k: torch.flip(v, dims=[1]) for k, v in right.items()}  # left padding (and reversed ids: fine here)
+    assert "attention_mask" in _without_redundant_mask(dict(left))
+    holes = dict(right, attention_mask=right["attention_mask"].clone())
+    holes["attention_mask"][0, 1] = 0
+    assert "attention_mask" in _without_redundant_mask(holes)
+    flat = _flat(rows)
+    assert _without_redundant_mask(dict(flat, attention_mask=torch.ones_like(flat["input_ids"]))).keys() >= {"attention_mask"}
+
+    # the loss of the right-padded batch equals each row's loss on its own, summed
+    loss, stats = compute_sft_loss(model, right, num_items_in_batch=1)
+    alone = sum(compute_sft_loss(model, _pad_rows([r]), num_items_in_batch=1)[0] for r in rows)
+    torch.testing.assert_close(loss, alone, atol=1e-5, rtol=1e-5)
+    # and a left-padded batch, whose mask is kept, gives the same loss as unpadded rows
+    lp = _left_pad(rows)
+    torch.testing.assert_close(compute_sft_loss(model, lp, num_items_in_batch=1)[0], alone, atol=1e-4, rtol=1e-4)
+
+
+def _left_pad(rows) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, width - n:], labels[i, width - n:], mask[i, width - n:] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        pos[i, width - n:] = torch.arange(n)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos}
