@@ -208,8 +208,9 @@ def test_cpu_gloo_runs_two_ranks_on_gloo(tmp_path):
         "from accelerate import PartialState\n"
         "s = PartialState(cpu=True)\n"
         "t = torch.tensor([s.process_index + 1.0]); dist.all_reduce(t)\n"
-        "print(f'rank={s.process_index} world={s.num_processes} type={s.distributed_type.value} "
-        "backend={dist.get_backend()} sum={t.item()}', flush=True)\n"
+        "line = (f'rank={s.process_index} world={s.num_processes} type={s.distributed_type.value} '\n"
+        "        f'backend={dist.get_backend()} sum={t.item()}')\n"
+        "open(f'rank{s.process_index}.txt', 'w').write(line)\n"  # one file per rank: a shared stdout interleaves
     )
     out = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "cpu_gloo.yaml"),
@@ -217,7 +218,7 @@ def test_cpu_gloo_runs_two_ranks_on_gloo(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank="))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert lines == [f"rank={r} world=2 type=MULTI_CPU backend=gloo sum=3.0" for r in (0, 1)]
 
 
