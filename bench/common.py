@@ -1,12 +1,16 @@
-"""Shared benchmark helpers: a one-line machine description and median timing."""
+"""Shared benchmark helpers: a one-line machine description, median timing, child-process results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -38,3 +42,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def child_result(script: str | Path, argv: list[str], what: str) -> dict:
+    """Run `python SCRIPT ARGV...` in a fresh process and return the JSON of its last ``RESULT {...}`` line.
+
+    On a failure (non-zero exit or no result line) print the child's stderr tail and exit, naming `what`.
+    """
+    cmd = [sys.executable, str(Path(script).resolve()), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+    return json.loads(lines[-1][len("RESULT ") :])

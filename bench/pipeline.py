@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -245,13 +244,9 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
 
 def measure_in_child(argv: list[str]) -> dict:
     """One round in a fresh process (nothing imported or started yet), as a real `qwen-sft run` is."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--rounds", "1", "--child"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"a round failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(lines[-1][len("RESULT "):])
+    from bench.common import child_result
+
+    return child_result(__file__, [*argv, "--rounds", "1", "--child"], "a round")
 
 
 def report(rounds: list[dict], args: argparse.Namespace) -> int:

@@ -34,7 +34,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -267,14 +266,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- driver (parent process)
 
 
-def child_result(name: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--variant", name]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"variant {name} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
-    return json.loads(lines[-1][len("RESULT ") :])
+def variant_result(name: str, argv: list[str]) -> dict:
+    from bench.common import child_result
+
+    return child_result(__file__, [*argv, "--variant", name], f"variant {name}")
 
 
 def main() -> None:
@@ -313,7 +308,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.repeats):
         for n in names:  # interleaved, so background load hits every variant alike
-            runs[n].append(child_result(n, argv))
+            runs[n].append(variant_result(n, argv))
             print(f"  repeat {r + 1}/{args.repeats} {n}: " + json.dumps(runs[n][-1]), file=sys.stderr, flush=True)
 
     first = runs["A"][0]
