@@ -118,10 +118,11 @@ def _ensure_store(uri: str) -> None:
 def client(cfg: PipelineConfig):
     import mlflow
 
-    _ensure_store(tracking_uri(cfg))
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_registry_uri(tracking_uri(cfg))
-    return mlflow.MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    _ensure_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
