@@ -7,7 +7,10 @@ B  = ours, as `sft_core.train` trains on CPU: the same token ids ending on <|im_
      instead of pad (same token count), the 4 rows of a step in one right-padded batch
      (train.padding_free=auto is padded on CPU), compute_sft_loss(mode="chunked") (logits
      only at supervised positions, train.loss_chunk_size=auto = 256 at a time on CPU,
-     gradients computed in the same pass), gradient checkpointing on (as the real preset).
+     gradients computed in the same pass), gradient checkpointing on (as the real preset),
+     and the process's allocator policy (allocations >= 1 MiB from mmap, returned on free:
+     sft_core.train.return_freed_memory_to_os). A-mmap / B-heap swap that policy, to show
+     how much of the memory gap is the allocator and how much the loss path.
      Measured alternatives (--variants): padding-free rows are slower on CPU (sdpa
      with a packed mask cannot skip the masked blocks: 4x the attention work of
      padded rows), B without checkpointing is as fast but larger, bs1 GA4 is leaner
@@ -59,12 +62,15 @@ class Variant:
     end_on_im_end: bool
     about: str
     sparse_embedding: bool = False
+    glibc_heap: bool = False  # True: leave glibc's dynamic mmap threshold (the tutorial's process); else ours
 
 
 VARIANTS = {
-    "A": Variant("bs1", "hf", True, False, "tutorial: bs1 GA4, HF loss, grad ckpt"),
+    "A": Variant("bs1", "hf", True, False, "tutorial: bs1 GA4, HF loss, grad ckpt", glibc_heap=True),
+    "A-mmap": Variant("bs1", "hf", True, False, "tutorial, with our allocator policy (mmap >= 1 MiB)"),
     "B": Variant("pad4", "chunked", True, True, "ours: 4 rows padded, chunked CE, grad ckpt"),
-    "B-sparse": Variant("pad4", "chunked", True, True, "as B, sparse input-embedding gradient", True),
+    "B-heap": Variant("pad4", "chunked", True, True, "as B, glibc's default allocator policy", glibc_heap=True),
+    "B-sparse": Variant("pad4", "chunked", True, True, "as B, sparse input-embedding gradient", sparse_embedding=True),
     "B-nockpt": Variant("pad4", "chunked", False, True, "4 rows padded, chunked CE"),
     "B-flat": Variant("flat4", "chunked", True, True, "4 rows padding-free, chunked CE, grad ckpt"),
     "B-flat-nockpt": Variant("flat4", "chunked", False, True, "4 rows padding-free, chunked CE"),
@@ -167,9 +173,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     from bench.flops import measure_matmul_peak
     from sft_core.loss import compute_sft_loss
 
-    from sft_core.train import resolve_loss_chunk_size
+    from sft_core.train import resolve_loss_chunk_size, return_freed_memory_to_os
 
     v = VARIANTS[name]
+    if not v.glibc_heap:  # as sft_core.train.run_training does on CPU, before the model exists
+        return_freed_memory_to_os()
     chunk_size = resolve_loss_chunk_size(args.chunk_size, "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
