@@ -81,9 +81,8 @@ def block_stop_tokens(model, tokenizer) -> None:
 
     from sft_core.generate import stop_token_ids
 
-    stops = set(stop_token_ids(model, tokenizer)) | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     with torch.no_grad():
-        model.get_output_embeddings().weight[sorted(i for i in stops if isinstance(i, int) and i >= 0)] = 0.0
+        model.get_output_embeddings().weight[sorted(set(stop_token_ids(model, tokenizer)))] = 0.0
 
 
 def tutorial_predict(model, tokenizer, questions: list[str], new_tokens: int) -> int:

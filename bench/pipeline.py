@@ -75,6 +75,7 @@ TIMED_CALLS = [
     ("tasks.registry", "track_training", "track-training task"),
     ("tasks.registry", "track_evaluation", "track-evaluation task"),
     ("tasks.tracking", "set_tags", "MLflow set tags"),
+    ("tasks.tracking.runs", "set_tags", "MLflow set tags"),  # the same, called inside tasks.tracking.runs
     ("tasks.tracking", "end_run", "MLflow end run"),
     ("flows.finetune", "create_markdown_artifact", "Prefect summary artifact"),
 ]

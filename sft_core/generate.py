@@ -17,7 +17,6 @@ from sft_core.errors import ConfigError, ModelSourceError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")
-IM_END = "<|im_end|>"
 ROUGE_MAX_CHARS = 4000
 _TAG = re.compile(r"</?think>")
 _WS = re.compile(r"\s+")
@@ -111,13 +110,15 @@ class Generation:
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """`model.generation_config.eos_token_id` (int or list) plus `<|im_end|>` if known."""
+    """`model.generation_config.eos_token_id` (int or list), then the chat end tokens the tokenizer knows.
+
+    The chat end tokens are `sft_core.modeling.stop_token_ids`: `<|im_end|>`, `<|endoftext|>`.
+    """
+    from sft_core.modeling import stop_token_ids as chat_end_tokens
+
     eos = model.generation_config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-        ids.append(im_end)
-    return ids
+    return ids + [t for t in chat_end_tokens(tokenizer) if t not in ids]
 
 
 @contextlib.contextmanager

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers over sft_core; tracking.py is the one place that talks to MLflow."""
+"""Prefect tasks: thin wrappers over sft_core; tracking/ is the one package that talks to MLflow."""

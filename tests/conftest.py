@@ -65,8 +65,8 @@ def _isolate_tracking_env(monkeypatch):
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     for key in keys:
         os.environ.pop(key, None)
-    if "tasks.tracking" in sys.modules:
-        monkeypatch.setattr(sys.modules["tasks.tracking"], "_ENV_TRACKING_URI", None)
+    if "tasks.tracking.store" in sys.modules:
+        monkeypatch.setattr(sys.modules["tasks.tracking.store"], "_ENV_TRACKING_URI", None)
     yield
     for key in keys:
         os.environ.pop(key, None)

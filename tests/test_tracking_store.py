@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sft_core.config import load_config
 from tasks import tracking
+from tasks.tracking import runs, store
 
 
 def _cfg(tmp_path: Path, *extra: str):
@@ -24,13 +25,13 @@ def test_a_new_embedded_store_is_built_by_a_child_then_used(tmp_path: Path):
     uri = tracking.tracking_uri(cfg)
     db = tmp_path / "mlflow.db"
     assert tracking.warm_store(cfg) is True
-    proc, _ = tracking._store_builders[uri]
+    proc, _ = store._store_builders[uri]
     assert proc.pid != os.getpid()
     assert tracking.warm_store(cfg) is False, "one builder per store"
     assert proc.wait(timeout=120) == 0
     assert {"experiments", "runs", "registered_models", "alembic_version"} <= _tables(db)
     exp_id = tracking.ensure_experiment(cfg)  # waits for (here: collects) the child, then uses the store
-    assert uri not in tracking._store_builders and uri in tracking._stores_ready
+    assert uri not in store._store_builders and uri in store._stores_ready
     assert tracking.client(cfg).get_experiment(exp_id).name == tracking.experiment_name(cfg)
 
 
@@ -43,7 +44,7 @@ def test_an_existing_store_or_a_server_needs_no_builder(tmp_path: Path):
 
 def test_a_failed_builder_is_not_fatal(tmp_path: Path, monkeypatch):
     cfg = _cfg(tmp_path)
-    monkeypatch.setattr(tracking, "_BUILD_STORE", "import sys; sys.exit('no store for you')")
+    monkeypatch.setattr(store, "_BUILD_STORE", "import sys; sys.exit('no store for you')")
     assert tracking.warm_store(cfg) is True
     assert tracking.ensure_experiment(cfg)  # this process builds the store itself
     assert "experiments" in _tables(tmp_path / "mlflow.db")
@@ -58,7 +59,7 @@ def test_is_logged_trusts_a_resumed_runs_tags_and_otherwise_asks_the_store(tmp_p
     assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m1"), "asks the store: not resumed here"
     again, resumed = tracking.start_or_resume_run(cfg, "key-1", "run", {})
     assert (again, resumed) == (run_id, True)
-    assert tracking._resumed_tags[run_id]["qwen_sft.logged.data"] == "m1"
+    assert runs._resumed_tags[run_id]["qwen_sft.logged.data"] == "m1"
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": "m2"})  # logged after the resume: the store knows
     assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m2")
     assert not tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m3")

@@ -1,0 +1,52 @@
+"""Everything that talks to MLflow lives in this package; callers use ``tracking.<name>``.
+
+- ``store``: where the store is (``tracking.uri`` / ``MLFLOW_TRACKING_URI`` / embedded SQLite), its
+  creation in the background, the client, the reachability check;
+- ``runs``: experiments, one run per (config, data), params, metrics (buffered and retried),
+  artifacts, predictions, tags;
+- ``models``: the logged model, registry versions, the candidate / production / previous aliases.
+"""
+
+from tasks.tracking.models import (
+    ALIASES,
+    PIP_REQUIREMENTS,
+    aliases,
+    download_model,
+    log_model,
+    promote,
+    register,
+    registered_sources,
+    rollback,
+    serving_prompt_template,
+)
+from tasks.tracking.runs import (
+    RUN_KEY_TAG,
+    BufferedMetricLogger,
+    end_run,
+    ensure_experiment,
+    experiment_name,
+    git_commit,
+    is_logged,
+    log_artifact,
+    log_checkpoints,
+    log_config,
+    log_dataset_inputs,
+    log_loss_curve,
+    log_metrics,
+    log_predictions,
+    run_url,
+    set_tags,
+    start_or_resume_run,
+    sync_training_metrics,
+    tag_value,
+)
+from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri, warm_store
+
+__all__ = [
+    "ALIASES", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "aliases", "artifact_root",
+    "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "git_commit",
+    "is_logged", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
+    "log_metrics", "log_model", "log_predictions", "promote", "register", "registered_sources", "rollback",
+    "run_url", "serving_prompt_template", "set_tags", "start_or_resume_run", "sync_training_metrics", "tag_value",
+    "tracking_uri", "warm_store",
+]

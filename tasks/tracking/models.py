@@ -1,0 +1,226 @@
+"""The model and its registry: log the final model, register versions, move aliases, download.
+
+Aliases: ``candidate`` (the newest registered version), ``production`` (promoted through
+the gate), ``previous`` (the one production replaced; the target of a rollback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import importlib
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sft_core.config import PipelineConfig
+from sft_core.errors import PromotionError, TrackingError
+from tasks.tracking.store import client, tracking_uri
+
+ALIASES = ("candidate", "production", "previous")
+
+PIP_REQUIREMENTS = ["torch", "transformers>=5,<6", "accelerate", "safetensors", "tokenizers"]
+
+
+def serving_prompt_template(cfg: PipelineConfig, model_dir: str) -> str:
+    """The chat prompt around `{prompt}`, so a served model gets what it was trained on."""
+    from sft_core.modeling import load_tokenizer
+    from sft_core.tokenize import render_prompt
+
+    return render_prompt(load_tokenizer(model_dir), "{prompt}", cfg.data.system_prompt)
+
+
+@contextlib.contextmanager
+def _transformers5_task_impl_compat():
+    """MLflow 3.17 logs a local checkpoint by reading `check_task(task)[1]["impl"].__name__`;
+    transformers 5 stores that impl as a dotted string. Resolve it to the class for the call."""
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task):
+        normalized, targeted, options = original(task)
+        impl = targeted.get("impl")
+        if isinstance(impl, str):
+            module, _, name = impl.rpartition(".")
+            targeted = {**targeted, "impl": getattr(importlib.import_module(module), name)}
+        return normalized, targeted, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
+
+
+def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
+    """Log the final model from its folder with the transformers flavor; returns the model URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    client(cfg)
+    existing = [m for m in mlflow.search_logged_models(experiment_ids=[client(cfg).get_run(run_id).info.experiment_id],
+                                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+                if m.name == "model" and str(m.status).endswith("READY")]
+    if existing:
+        return existing[0].model_uri
+    # request-time generation settings a served model accepts in `"params"` (defaults: greedy, like evaluation)
+    params = {"max_new_tokens": cfg.eval.max_new_tokens, "do_sample": False, "temperature": cfg.eval.temperature,
+              "top_p": cfg.eval.top_p}
+    signature = infer_signature(["问题"], ["<think>…</think>\n\n回答"], params=params)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), _transformers5_task_impl_compat():
+        info = mlflow.transformers.log_model(
+            transformers_model=str(model_dir),
+            name="model",
+            task="text-generation",
+            signature=signature,
+            pip_requirements=PIP_REQUIREMENTS,
+            prompt_template=serving_prompt_template(cfg, model_dir),
+            model_config={"max_new_tokens": cfg.eval.max_new_tokens, "do_sample": False},
+            metadata={"system_prompt": cfg.data.system_prompt},
+        )
+    return info.model_uri
+
+
+def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str, float], train_key: str) -> dict:
+    """Register a version (idempotent per run + train key) and point `candidate` at it."""
+    c = client(cfg)
+    name = cfg.registry.name
+    try:
+        c.get_registered_model(name)
+    except Exception:
+        try:
+            c.create_registered_model(name, description="Qwen2.5 medical <think> assistant (qwen-sft-pipeline)")
+        except Exception:
+            c.get_registered_model(name)  # created concurrently
+    found = c.search_model_versions(f"name = '{name}' and tag.train_key = '{train_key}' and run_id = '{run_id}'")
+    if found:
+        version = found[0]
+    else:
+        tags = {"run_id": run_id, "train_key": train_key, **{k.replace("/", "_"): f"{v:.6g}" for k, v in metrics.items()}}
+        model_id = model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None
+        version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
+        _wait_ready(c, name, version.version)
+    c.set_registered_model_alias(name, "candidate", version.version)
+    return {"name": name, "version": int(version.version), "alias": "candidate", "reused": bool(found)}
+
+
+def _wait_ready(c, name: str, version: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.get_model_version(name, version).status == "READY":
+            return
+        time.sleep(0.5)
+
+
+def _version_metrics(c, name: str, version: str) -> dict[str, float]:
+    mv = c.get_model_version(name, version)
+    run = c.get_run(mv.run_id)
+    return dict(run.data.metrics)
+
+
+def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = "candidate", force: bool = False,
+            reason: str = "") -> dict:
+    """Gate the candidate against production; on pass move `production`, keep the old as `previous`."""
+    c = client(cfg)
+    name = cfg.registry.name
+    try:
+        cand = c.get_model_version(name, str(version)) if version is not None else c.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        raise PromotionError(f"registered model '{name}' has no {'version ' + str(version) if version else 'alias @' + alias}") from exc
+    try:
+        prod = c.get_model_version_by_alias(name, "production")
+    except Exception:
+        prod = None
+    checks = []
+    if prod is not None and prod.version == cand.version:
+        raise PromotionError(f"version {cand.version} of '{name}' is already @production")
+    if prod is not None:
+        cm, pm = _version_metrics(c, name, cand.version), _version_metrics(c, name, prod.version)
+        g = cfg.registry.gate
+        for metric, ok_fn, rule in (
+            ("eval/loss", lambda a, b: a <= b + g.max_eval_loss_increase, f"<= production + {g.max_eval_loss_increase}"),
+            ("gen/format_ok_rate", lambda a, b: a >= b + g.min_format_ok_delta, f">= production + {g.min_format_ok_delta}"),
+        ):
+            a, b = cm.get(metric), pm.get(metric)
+            passed = a is not None and b is not None and ok_fn(a, b)
+            checks.append({"metric": metric, "candidate": a, "production": b, "rule": rule, "passed": passed})
+    failed = [ch for ch in checks if not ch["passed"]]
+    if failed and not force:
+        detail = "; ".join(f"{ch['metric']} {ch['candidate']} vs production {ch['production']} (needs {ch['rule']})" for ch in failed)
+        raise PromotionError(f"version {cand.version} of '{name}' failed the gate: {detail} (use --force to override)")
+    if prod is not None:
+        c.set_registered_model_alias(name, "previous", prod.version)
+    c.set_registered_model_alias(name, "production", cand.version)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for k, v in {"promoted_at": stamp, "promoted_by": _user(), "promotion_reason": reason or ("forced" if failed else "gate passed")}.items():
+        c.set_model_version_tag(name, cand.version, k, v)
+    return {"name": name, "production": int(cand.version), "previous": int(prod.version) if prod else None,
+            "checks": checks, "forced": bool(failed)}
+
+
+def rollback(cfg: PipelineConfig) -> dict:
+    """`production` <- `previous` (and the demoted version becomes `previous`)."""
+    c = client(cfg)
+    name = cfg.registry.name
+    try:
+        prev = c.get_model_version_by_alias(name, "previous")
+    except Exception as exc:
+        raise PromotionError(f"registered model '{name}' has no @previous version to roll back to") from exc
+    try:
+        prod = c.get_model_version_by_alias(name, "production")
+    except Exception:
+        prod = None
+    c.set_registered_model_alias(name, "production", prev.version)
+    if prod is not None:
+        c.set_registered_model_alias(name, "previous", prod.version)
+        c.set_model_version_tag(name, prod.version, "rolled_back_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return {"name": name, "production": int(prev.version), "previous": int(prod.version) if prod else None}
+
+
+def aliases(cfg: PipelineConfig) -> dict[str, int]:
+    c = client(cfg)
+    out = {}
+    for a in ALIASES:
+        try:
+            out[a] = int(c.get_model_version_by_alias(cfg.registry.name, a).version)
+        except Exception:
+            pass
+    return out
+
+
+def download_model(uri: str, cfg: PipelineConfig) -> Path:
+    """A local folder with config + weights + tokenizer for an MLflow model URI."""
+    import mlflow
+
+    client(cfg)
+    dest = cfg.workdir_path / "downloads" / uri.replace(":", "_").replace("/", "_").replace("@", "_at_")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as exc:
+        raise TrackingError(f"cannot download '{uri}' from {tracking_uri(cfg)}: {exc}") from exc
+    for candidate in (local / "model", local / "components" / "model", local):
+        if (candidate / "config.json").exists():
+            if not (candidate / "tokenizer_config.json").exists() and (local / "components" / "tokenizer").exists():
+                for f in (local / "components" / "tokenizer").iterdir():
+                    (candidate / f.name).write_bytes(f.read_bytes())
+            return candidate
+    raise TrackingError(f"'{uri}' does not hold a transformers model folder")
+
+
+def registered_sources(cfg: PipelineConfig) -> set[str]:
+    """Run ids that some registered version points to (gc must keep their files)."""
+    c = client(cfg)
+    try:
+        return {mv.run_id for mv in c.search_model_versions(f"name = '{cfg.registry.name}'") if mv.run_id}
+    except Exception:
+        return set()
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("QWEN_SFT_USER") or getpass.getuser()
+    except Exception:
+        return "unknown"

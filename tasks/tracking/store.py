@@ -1,0 +1,138 @@
+"""Where the MLflow store is and how to reach it: URI, embedded SQLite store creation, client.
+
+Defaults are embedded (``sqlite:///<workdir>/mlflow.db`` + ``<workdir>/mlartifacts``); a
+server URI comes from ``tracking.uri`` or ``MLFLOW_TRACKING_URI``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from sft_core.config import PipelineConfig
+from sft_core.errors import TrackingError
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# fail fast instead of MLflow's default minutes of HTTP retries; the buffered logger retries itself
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+# read once at import: `mlflow.set_tracking_uri` writes this variable, so a later read would see our own last URI
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """`tracking.uri`, else `MLFLOW_TRACKING_URI` where the flow runs (a worker's), else SQLite in the workdir."""
+    return cfg.tracking.uri or _ENV_TRACKING_URI or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}"
+
+
+def artifact_root(cfg: PipelineConfig) -> str | None:
+    """Local artifact folder for the embedded store; a server decides its own."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (cfg.workdir_path / "mlartifacts").as_uri()
+
+
+_store_builders: dict[str, tuple[subprocess.Popen, Any]] = {}  # sqlite URI -> (child creating it, its stderr)
+_stores_ready: set[str] = set()
+_STORE_LOCK = threading.Lock()
+_BUILD_STORE = """
+import sys
+from filelock import FileLock
+import mlflow
+with FileLock(sys.argv[2]):
+    mlflow.MlflowClient(sys.argv[1]).search_experiments(max_results=1)
+"""
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def warm_store(cfg: PipelineConfig) -> bool:
+    """Start creating a new embedded SQLite store in a child process; True if one was started.
+
+    A fresh MLflow store costs seconds of schema migrations (plus the child's own `import mlflow`).
+    Done by a child on the other core while ingest and validation run, they leave the critical
+    path; the first `client()` for that URI waits for the child. Any other URI: nothing to do.
+    """
+    uri = tracking_uri(cfg)
+    db = _sqlite_file(uri)
+    with _STORE_LOCK:
+        if db is None or db.exists() or uri in _store_builders or uri in _stores_ready:
+            return False
+        db.parent.mkdir(parents=True, exist_ok=True)
+        err = tempfile.TemporaryFile()
+        proc = subprocess.Popen([sys.executable, "-c", _BUILD_STORE, uri, f"{db}.init.lock"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        _store_builders[uri] = (proc, err)
+    return True
+
+
+def _ensure_store(uri: str) -> None:
+    """Wait for a `warm_store` child; create a SQLite store under a file lock (other processes may too)."""
+    db = _sqlite_file(uri)
+    if db is None or uri in _stores_ready:
+        return
+    from filelock import FileLock
+    import mlflow
+
+    with _STORE_LOCK:
+        if uri in _stores_ready:
+            return
+        builder = _store_builders.pop(uri, None)
+        if builder is not None:
+            proc, err = builder
+            if proc.wait() != 0:  # not fatal: this process creates the store itself below
+                err.seek(0)
+                tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+                log.warning("background creation of the MLflow store %s failed (%s); creating it here", uri, tail)
+            err.close()
+        with FileLock(f"{db}.init.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        _stores_ready.add(uri)
+
+
+def client(cfg: PipelineConfig):
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    _ensure_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
+    """Fail fast (seconds, not minutes) when a tracking server cannot be reached."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (configured URI)
+                if resp.status >= 500:
+                    raise TrackingError(f"MLflow tracking server {uri} is unhealthy (HTTP {resp.status})")
+        except urllib.error.HTTPError as exc:
+            if exc.code >= 500:
+                raise TrackingError(f"MLflow tracking server {uri} is unhealthy (HTTP {exc.code})") from exc
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); "
+                "start it (mlflow/server.sh) or unset tracking.uri / MLFLOW_TRACKING_URI for the embedded store"
+            ) from exc
+    else:
+        cfg.workdir_path.mkdir(parents=True, exist_ok=True)
+    return uri
+
