@@ -52,6 +52,8 @@ from torch import Tensor, nn
 from sft_core.errors import ConfigError
 
 IGNORE_INDEX = -100
+# devices whose fp32 logits are computed as W @ hᵀ into a [vocab, chunk] buffer (see _ChunkedLinearCrossEntropy)
+VOCAB_MAJOR_DEVICES = ("cpu",)
 _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -180,16 +182,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        vocab = weight.shape[0]
         # one logits buffer for all chunks: on CPU a fresh [chunk, vocab] tensor per chunk
         # costs page faults (measured ~30% of the logits matmul's time)
-        buffer = torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], device=hidden.device)
+        buffer = torch.empty(min(chunk_size, hidden.shape[0]) * vocab, device=hidden.device)
+        plain_fp32 = weight.dtype == torch.float32 and bias is None
+        # on CPU, W @ hᵀ into a [vocab, chunk] buffer is ~20% faster than h @ Wᵀ into [chunk, vocab]
+        # (measured 134 vs 165 ms, chunk 256, hidden 256); `logits` is then its [chunk, vocab] view
+        vocab_major = plain_fp32 and hidden.device.type in VOCAB_MAJOR_DEVICES
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h, t = hidden[rows], targets[rows]
-            logits = buffer[: h.shape[0]]
-            if weight.dtype == torch.float32 and bias is None:
-                torch.mm(h, weight.t(), out=logits)
+            n = h.shape[0]
+            if vocab_major:
+                logits = torch.mm(weight, h.t(), out=buffer[: vocab * n].view(vocab, n)).t()
+            elif plain_fp32:
+                logits = torch.mm(h, weight.t(), out=buffer[: n * vocab].view(n, vocab))
             else:
+                logits = buffer[: n * vocab].view(n, vocab)
                 logits.copy_(F.linear(h, weight, bias))
             # amax: a quarter of max()'s time on CPU (no indices); a token is correct when its
             # target's logit is the row maximum (argmax == target but for exact ties)

@@ -254,20 +254,26 @@ def test_bad_arguments_name_the_setting() -> None:
         compute_sft_loss(model, {"input_ids": batch["input_ids"]})
 
 
+@pytest.mark.parametrize("vocab_major", [True, False], ids=["W@hT", "h@WT"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_linear_cross_entropy_with_bias_matches_autograd(dtype: torch.dtype) -> None:
-    """The fused function alone (lm_head with a bias, scaled upstream gradient) vs plain autograd."""
+def test_chunked_linear_cross_entropy_matches_autograd(dtype: torch.dtype, bias: bool, vocab_major: bool,
+                                                       monkeypatch) -> None:
+    """The fused function alone (with or without a bias, both logits layouts, scaled upstream gradient) vs autograd."""
+    from sft_core import loss as loss_module
     from sft_core.loss import _ChunkedLinearCrossEntropy
 
+    monkeypatch.setattr(loss_module, "VOCAB_MAJOR_DEVICES", ("cpu",) if vocab_major else ())
     g = torch.Generator().manual_seed(0)
     h = torch.randn(13, 8, generator=g).to(dtype).requires_grad_()
     w = torch.randn(VOCAB, 8, generator=g).to(dtype).requires_grad_()
-    b = torch.randn(VOCAB, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(VOCAB, generator=g).to(dtype).requires_grad_() if bias else None
     t = torch.randint(0, VOCAB, (13,), generator=g)
+    inputs = (h, w) if b is None else (h, w, b)
     ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
-    ref_grads = torch.autograd.grad(ref * 0.37, (h, w, b))
-    loss, correct = _ChunkedLinearCrossEntropy.apply(h, w, b, t, 4)
-    grads = torch.autograd.grad(loss * 0.37, (h, w, b))
+    ref_grads = torch.autograd.grad(ref * 0.37, inputs)
+    loss, correct = _ChunkedLinearCrossEntropy.apply(h, w, b, t, 4)  # 13 rows: 3 full chunks and a partial one
+    grads = torch.autograd.grad(loss * 0.37, inputs)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(loss, ref, atol=tol, rtol=tol)
     assert int(correct) == int((F.linear(h, w, b).float().argmax(-1) == t).sum())
