@@ -8,9 +8,11 @@ B  = ours, as `sft_core.train` trains on CPU: the same token ids ending on <|im_
      (train.padding_free=auto is padded on CPU), compute_sft_loss(mode="chunked") (logits
      only at supervised positions, train.loss_chunk_size=auto = 256 at a time on CPU,
      gradients computed in the same pass), gradient checkpointing on (as the real preset),
-     and the process's allocator policy (allocations >= 1 MiB from mmap, returned on free:
-     sft_core.train.return_freed_memory_to_os). A-mmap / B-heap swap that policy, to show
-     how much of the memory gap is the allocator and how much the loss path.
+     and the product's process memory settings: allocations >= 1 MiB from mmap, returned
+     on free (sft_core.train.return_freed_memory_to_os), and tensors >= 2 MB on huge pages
+     (THP_MEM_ALLOC_ENABLE=1, set by the entry points), which keep the fresh pages cheap.
+     A-alloc / B-heap swap those settings, to show how much of the gap is the process's
+     memory settings and how much the training path.
      Measured alternatives (--variants): padding-free rows are slower on CPU (sdpa
      with a packed mask cannot skip the masked blocks: 4x the attention work of
      padded rows), B without checkpointing is as fast but larger, bs1 GA4 is leaner
@@ -62,14 +64,15 @@ class Variant:
     end_on_im_end: bool
     about: str
     sparse_embedding: bool = False
-    glibc_heap: bool = False  # True: leave glibc's dynamic mmap threshold (the tutorial's process); else ours
+    our_allocation: bool = True  # the product's CPU process: freed blocks >= 1 MiB go back to the OS, huge pages
 
 
 VARIANTS = {
-    "A": Variant("bs1", "hf", True, False, "tutorial: bs1 GA4, HF loss, grad ckpt", glibc_heap=True),
-    "A-mmap": Variant("bs1", "hf", True, False, "tutorial, with our allocator policy (mmap >= 1 MiB)"),
+    "A": Variant("bs1", "hf", True, False, "tutorial: bs1 GA4, HF loss, grad ckpt", our_allocation=False),
+    "A-alloc": Variant("bs1", "hf", True, False, "tutorial, in our process's memory settings"),
     "B": Variant("pad4", "chunked", True, True, "ours: 4 rows padded, chunked CE, grad ckpt"),
-    "B-heap": Variant("pad4", "chunked", True, True, "as B, glibc's default allocator policy", glibc_heap=True),
+    "B-heap": Variant("pad4", "chunked", True, True, "as B, default memory settings (glibc heap, 4 KiB pages)",
+                      our_allocation=False),
     "B-sparse": Variant("pad4", "chunked", True, True, "as B, sparse input-embedding gradient", sparse_embedding=True),
     "B-nockpt": Variant("pad4", "chunked", False, True, "4 rows padded, chunked CE"),
     "B-flat": Variant("flat4", "chunked", True, True, "4 rows padding-free, chunked CE, grad ckpt"),
@@ -167,6 +170,10 @@ def supervised(labels: list[int]) -> int:
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
+    v = VARIANTS[name]
+    # torch reads this at its first allocation: the product's entry points (flows/finetune.py, sft_core/launch.py)
+    # set it before torch is imported; the tutorial's process runs with torch's default
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if v.our_allocation else "0"
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
@@ -175,8 +182,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 
     from sft_core.train import resolve_loss_chunk_size, return_freed_memory_to_os
 
-    v = VARIANTS[name]
-    if not v.glibc_heap:  # as sft_core.train.run_training does on CPU, before the model exists
+    if v.our_allocation:  # as sft_core.train.run_training does on CPU, before the model exists
         return_freed_memory_to_os()
     chunk_size = resolve_loss_chunk_size(args.chunk_size, "cpu")
     if args.threads:

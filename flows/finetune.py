@@ -18,6 +18,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# before torch is imported (it reads this once): CPU tensors >= 2 MB on huge pages, so that training's
+# freed-memory policy (sft_core.train.return_freed_memory_to_os) does not pay a page fault per 4 KiB
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from sft_core.config import PipelineConfig
 
+# before torch is imported (it reads this once): CPU tensors >= 2 MB on huge pages, so that training's
+# freed-memory policy (sft_core.train.return_freed_memory_to_os) does not pay a page fault per 4 KiB
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)

@@ -70,9 +70,11 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
     freed (up to 32 MiB), after which activations and gradients of a few MiB come from
     the brk heap. Freed between steps, they fragment it, and a CPU training process keeps
     ~250-400 MB it no longer uses (measured with ``bench/train_throughput.py``: peak RSS
-    1,750 MB -> 1,380 MB, tokens/s unchanged). A fixed threshold also turns the dynamic
-    one off for the rest of the process. Linux/glibc only; returns False (and changes
-    nothing) elsewhere.
+    1,750 MB -> 1,370 MB). A fixed threshold also turns the dynamic one off for the rest of
+    the process. Fresh mmap pages cost a page fault per 4 KiB (~12% of a CPU step, measured)
+    unless PyTorch backs tensors of 2 MB or more with huge pages: the entry points
+    (flows/finetune.py, sft_core/launch.py) set ``THP_MEM_ALLOC_ENABLE=1`` before torch is
+    imported. Linux/glibc only; returns False (and changes nothing) elsewhere.
     """
     import ctypes
     import ctypes.util
