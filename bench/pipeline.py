@@ -157,10 +157,10 @@ class Spans:
 
 
 def run_flow(cfg) -> tuple[float, dict]:
-    from flows.finetune import finetune
+    from flows.finetune import run_in_process
 
     start = time.perf_counter()
-    summary = finetune(config=cfg.model_dump(mode="json"))
+    summary = run_in_process(cfg.model_dump(mode="json"))  # as `qwen-sft run` runs it
     return time.perf_counter() - start, summary
 
 

@@ -205,9 +205,9 @@ def run(
     check_output_paths(cfg)
     check_sources(cfg)
     check_reachable(cfg)
-    from flows.finetune import finetune
+    from flows.finetune import run_in_process
 
-    summary = finetune(config=cfg.model_dump(mode="json"), refresh=refresh)
+    summary = run_in_process(cfg.model_dump(mode="json"), refresh=refresh)
     table = Table(title="finetune")
     table.add_column("stage")
     table.add_column("status")

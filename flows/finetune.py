@@ -123,6 +123,29 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     return summary
 
 
+def run_in_process(config: dict, refresh: bool = False) -> dict:
+    """Run the `finetune` flow in this process, as `qwen-sft run` does.
+
+    Against Prefect's ephemeral server (no API URL configured), flow-run heartbeats are off:
+    that server lives and dies with this process, so they could detect no crash, and joining
+    Prefect's heartbeat thread (it sleeps in 1-second steps) added ~0.5 s to every run, half
+    of a cached re-run (BENCHMARKS.md section 3). Runs against a server keep them.
+    """
+    from prefect.settings import temporary_settings
+
+    with temporary_settings(updates=in_process_settings()):
+        return finetune(config=config, refresh=refresh)
+
+
+def in_process_settings() -> dict:
+    """Prefect setting overrides for an in-process run: none when a server is configured."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
+
+    if get_current_settings().api.url:
+        return {}
+    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+
+
 def _await_run(pending: Future) -> tuple[str, bool]:
     """(run id, resumed) of the background run start; waits for it if it is still going.
 

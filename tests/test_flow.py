@@ -43,10 +43,10 @@ def _cfg(workdir: Path, server, *extra: str):
 
 
 def _run(cfg, **kw):
-    from flows.finetune import finetune
+    from flows.finetune import run_in_process
 
     started = time.perf_counter()
-    summary = finetune(config=cfg.model_dump(mode="json"), **kw)
+    summary = run_in_process(cfg.model_dump(mode="json"), **kw)
     return summary, time.perf_counter() - started
 
 
@@ -203,3 +203,19 @@ def _artifact_paths(c, run_id: str, path: str | None = None) -> list[str]:
     for f in c.list_artifacts(run_id, path):
         out.extend(_artifact_paths(c, run_id, f.path) if f.is_dir else [f.path])
     return out
+
+
+def test_in_process_runs_skip_heartbeats_only_against_the_ephemeral_server():
+    """No heartbeat thread to join when the API server lives in this process; a configured server keeps them."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.finetune import in_process_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert in_process_settings() == {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        with temporary_settings(updates=in_process_settings()):
+            from prefect.settings import get_current_settings
+
+            assert get_current_settings().flows.heartbeat_frequency is None
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert in_process_settings() == {}
