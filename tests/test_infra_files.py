@@ -88,6 +88,16 @@ def test_mlflow_folder_is_scripts_only():
     subprocess.run(["bash", "-n", str(REPO / "mlflow" / "server.sh")], check=True)
 
 
+def test_pyproject_lists_every_package():
+    """setuptools' explicit package list: a new sub-package left out of it is missing from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts)
+             for top in ("sft_core", "tasks", "flows") for init in (REPO / top).rglob("__init__.py")}
+    assert found == listed
+
+
 def test_server_sh_rejects_bad_mode_and_missing_auth_password(tmp_path):
     sh = str(REPO / "mlflow" / "server.sh")
     bad = subprocess.run(["bash", sh, "mysql"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
