@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
                           output_dir=a.output_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(a.result_json).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a clean exit: gloo's threads can abort one left open
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -221,6 +221,7 @@ def test_cpu_gloo_runs_two_ranks_on_gloo(tmp_path):
         "line = (f'rank={s.process_index} world={s.num_processes} type={s.distributed_type.value} '\n"
         "        f'backend={dist.get_backend()} sum={t.item()}')\n"
         "open(f'rank{s.process_index}.txt', 'w').write(line)\n"  # one file per rank: a shared stdout interleaves
+        "dist.destroy_process_group()\n"  # without it, gloo's threads may abort the exit ("terminate called ...")
     )
     out = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "cpu_gloo.yaml"),
