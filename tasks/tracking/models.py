@@ -129,10 +129,7 @@ def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = "ca
         cand = c.get_model_version(name, str(version)) if version is not None else c.get_model_version_by_alias(name, alias)
     except Exception as exc:
         raise PromotionError(f"registered model '{name}' has no {'version ' + str(version) if version else 'alias @' + alias}") from exc
-    try:
-        prod = c.get_model_version_by_alias(name, "production")
-    except Exception:
-        prod = None
+    prod = _by_alias(c, name, "production")
     checks = []
     if prod is not None and prod.version == cand.version:
         raise PromotionError(f"version {cand.version} of '{name}' is already @production")
@@ -168,10 +165,7 @@ def rollback(cfg: PipelineConfig) -> dict:
         prev = c.get_model_version_by_alias(name, "previous")
     except Exception as exc:
         raise PromotionError(f"registered model '{name}' has no @previous version to roll back to") from exc
-    try:
-        prod = c.get_model_version_by_alias(name, "production")
-    except Exception:
-        prod = None
+    prod = _by_alias(c, name, "production")
     c.set_registered_model_alias(name, "production", prev.version)
     if prod is not None:
         c.set_registered_model_alias(name, "previous", prod.version)
@@ -181,13 +175,16 @@ def rollback(cfg: PipelineConfig) -> dict:
 
 def aliases(cfg: PipelineConfig) -> dict[str, int]:
     c = client(cfg)
-    out = {}
-    for a in ALIASES:
-        try:
-            out[a] = int(c.get_model_version_by_alias(cfg.registry.name, a).version)
-        except Exception:
-            pass
-    return out
+    found = {a: _by_alias(c, cfg.registry.name, a) for a in ALIASES}
+    return {a: int(mv.version) for a, mv in found.items() if mv is not None}
+
+
+def _by_alias(c, name: str, alias: str):
+    """The model version `name@alias`, or None when the model or the alias does not exist."""
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
 
 
 def download_model(uri: str, cfg: PipelineConfig) -> Path:
