@@ -8,7 +8,7 @@ B  = ours, as `sft_core.train` trains on CPU: the same token ids ending on <|im_
      (train.padding_free=auto is padded on CPU), compute_sft_loss(mode="chunked") (logits
      only at supervised positions, train.loss_chunk_size=auto = 256 at a time on CPU,
      gradients computed in the same pass), gradient checkpointing on (as the real preset),
-     and the product's process memory settings: allocations >= 1 MiB from mmap, returned
+     and the product's process memory settings: allocations >= 4 MiB from mmap, returned
      on free (sft_core.train.return_freed_memory_to_os), and tensors >= 2 MB on huge pages
      (THP_MEM_ALLOC_ENABLE=1, set by the entry points), which keep the fresh pages cheap.
      A-alloc / B-heap swap those settings, to show how much of the gap is the process's
@@ -64,7 +64,8 @@ class Variant:
     end_on_im_end: bool
     about: str
     sparse_embedding: bool = False
-    our_allocation: bool = True  # the product's CPU process: freed blocks >= 1 MiB go back to the OS, huge pages
+    our_allocation: bool = True  # the product's CPU process: freed blocks >= 4 MiB go back to the OS, huge pages
+    mmap_threshold_mib: float | None = None  # None: the product's default (sft_core.train.return_freed_memory_to_os)
 
 
 VARIANTS = {
@@ -73,6 +74,8 @@ VARIANTS = {
     "B": Variant("pad4", "chunked", True, True, "ours: 4 rows padded, chunked CE, grad ckpt"),
     "B-heap": Variant("pad4", "chunked", True, True, "as B, default memory settings (glibc heap, 4 KiB pages)",
                       our_allocation=False),
+    "B-1m": Variant("pad4", "chunked", True, True, "as B, mmap threshold 1 MiB", mmap_threshold_mib=1),
+    "B-8m": Variant("pad4", "chunked", True, True, "as B, mmap threshold 8 MiB", mmap_threshold_mib=8),
     "B-sparse": Variant("pad4", "chunked", True, True, "as B, sparse input-embedding gradient", sparse_embedding=True),
     "B-nockpt": Variant("pad4", "chunked", False, True, "4 rows padded, chunked CE"),
     "B-flat": Variant("flat4", "chunked", True, True, "4 rows padding-free, chunked CE, grad ckpt"),
@@ -183,7 +186,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     from sft_core.train import resolve_loss_chunk_size, return_freed_memory_to_os
 
     if v.our_allocation:  # as sft_core.train.run_training does on CPU, before the model exists
-        return_freed_memory_to_os()
+        if v.mmap_threshold_mib is None:
+            return_freed_memory_to_os()
+        else:
+            return_freed_memory_to_os(int(v.mmap_threshold_mib * 2**20))
     chunk_size = resolve_loss_chunk_size(args.chunk_size, "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)

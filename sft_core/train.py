@@ -63,18 +63,24 @@ def resolve_loss_chunk_size(size: int, device: str) -> int:
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 
-def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
+def return_freed_memory_to_os(threshold_bytes: int = 4 << 20) -> bool:
     """Serve every allocation of ``threshold_bytes`` or more from mmap, so freeing it returns it to the OS.
 
     glibc's default mmap threshold is dynamic: it rises to the size of the largest block
-    freed (up to 32 MiB), after which activations and gradients of a few MiB come from
-    the brk heap. Freed between steps, they fragment it, and a CPU training process keeps
+    freed (up to 32 MiB), after which activations and gradients of many MiB come from the
+    brk heap. Freed between steps, they fragment it, and a CPU training process keeps
     ~250-400 MB it no longer uses (measured with ``bench/train_throughput.py``: peak RSS
-    1,750 MB -> 1,370 MB). A fixed threshold also turns the dynamic one off for the rest of
-    the process. Fresh mmap pages cost a page fault per 4 KiB (~12% of a CPU step, measured)
-    unless PyTorch backs tensors of 2 MB or more with huge pages: the entry points
-    (flows/finetune.py, sft_core/launch.py) set ``THP_MEM_ALLOC_ENABLE=1`` before torch is
-    imported. Linux/glibc only; returns False (and changes nothing) elsewhere.
+    1,750 MB with glibc's default, 1,370 MB at 1 MiB, 1,440-1,480 MB at 4 MiB). A fixed
+    threshold also turns the dynamic one off for the rest of the process.
+
+    The price is fresh pages: every mmap'd block is zeroed by the kernel on first touch.
+    PyTorch backs tensors of 2 MB or more with huge pages when ``THP_MEM_ALLOC_ENABLE=1``
+    (the entry points, flows/finetune.py and sft_core/launch.py, set it before torch is
+    imported), but only the whole 2 MB extents of a block: the tail of a 3.9 MB
+    activation still faults in 4 KiB pages. The 4 MiB default keeps such blocks on the
+    heap, where they are reused: per training step of the bench's model, 16k page faults
+    and ~0.6 s of kernel time instead of 150k and ~1.2 s at 1 MiB, for ~100 MB more peak
+    RSS. Linux/glibc only; returns False (and changes nothing) elsewhere.
     """
     import ctypes
     import ctypes.util

@@ -151,8 +151,8 @@ def rss_mb():
 first = torch.ones(16 << 20, dtype=torch.uint8); del first  # glibc: the dynamic mmap threshold rises to 16 MiB
 before = rss_mb()
 blocks, pins = [], []
-for _ in range(64):  # like a step's activations: 4 MiB blocks between small long-lived allocations
-    blocks.append(torch.ones(4 << 20, dtype=torch.uint8))
+for _ in range(64):  # like a step's activations: 8 MiB blocks between small long-lived allocations
+    blocks.append(torch.ones(8 << 20, dtype=torch.uint8))
     pins.append(torch.ones(16, dtype=torch.uint8))
 del blocks
 print(round(rss_mb() - before))
@@ -162,7 +162,7 @@ print(round(rss_mb() - before))
 @pytest.mark.skipif(not Path("/proc/self/statm").exists() or __import__("platform").libc_ver()[0] != "glibc",
                     reason="glibc's allocator on Linux")
 def test_cpu_training_returns_freed_activations_to_the_os():
-    """Without the policy 256 MiB of freed 4 MiB blocks stay resident; with it they go back."""
+    """Without the policy 512 MiB of freed 8 MiB blocks stay resident; with it they go back."""
     import subprocess
     import sys
 
@@ -174,6 +174,6 @@ def test_cpu_training_returns_freed_activations_to_the_os():
                              text=True, check=True, timeout=120)
         return int(out.stdout.split()[-1])
 
-    assert retained_mb("default", "0") >= 200  # glibc's and torch's defaults: the problem exists
+    assert retained_mb("default", "0") >= 400  # glibc's and torch's defaults: the problem exists
     assert retained_mb("policy", "0") <= 32  # the policy alone
     assert retained_mb("policy", "1") <= 32  # as a training process runs (the entry points turn huge pages on)
