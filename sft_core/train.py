@@ -78,9 +78,9 @@ def return_freed_memory_to_os(threshold_bytes: int = 4 << 20) -> bool:
     (the entry points, flows/finetune.py and sft_core/launch.py, set it before torch is
     imported), but only the whole 2 MB extents of a block: the tail of a 3.9 MB
     activation still faults in 4 KiB pages. The 4 MiB default keeps such blocks on the
-    heap, where they are reused: per training step of the bench's model, 16k page faults
-    and ~0.6 s of kernel time instead of 150k and ~1.2 s at 1 MiB, for ~100 MB more peak
-    RSS. Linux/glibc only; returns False (and changes nothing) elsewhere.
+    heap, where they are reused: per training step of the bench's model, ~26k page faults
+    and 0.6-0.8 s of kernel time instead of ~210k and 1.2-1.3 s at 1 MiB, for ~100 MB more
+    peak RSS. Linux/glibc only; returns False (and changes nothing) elsewhere.
     """
     import ctypes
     import ctypes.util
