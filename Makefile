@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements/torch.txt
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU build on disk here, the CUDA build on a GPU box
 	$(PIP) install --quiet -r requirements/torch.txt
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

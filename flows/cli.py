@@ -20,6 +20,7 @@ from rich.table import Table
 
 from sft_core.config import PipelineConfig, load_config
 from sft_core.errors import SftError
+from sft_core.model_card import fmt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Qwen2.5 into a medical <think> assistant.")
 console = Console()
@@ -176,15 +177,59 @@ def predict(
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(model_dir)
     lm = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
-    gen = generate_answers(lm, tokenizer, [question], system_prompt=cfg.data.system_prompt,
-                           max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, batch_size=1,
-                           do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)[0]
-    console.print(Panel(gen.think or "[dim](no reasoning)[/]", title="think", border_style="cyan"))
-    console.print(Panel(gen.answer or "[dim](no answer)[/]", title="answer", border_style="green"))
-    if not gen.format_ok:
-        err.print("[yellow]note:[/] the output is not one <think>…</think> block followed by an answer")
+    # `auto` needs the validation responses; one answer may take up to the trained length (the model stops on its own)
+    budget = max_new_tokens or (cfg.data.max_length if cfg.eval.max_new_tokens == "auto" else cfg.eval.max_new_tokens)
+    gen = generate_answers(lm, tokenizer, [question], system_prompt=cfg.data.system_prompt, max_new_tokens=budget,
+                           batch_size=1, do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
+                           top_p=cfg.eval.top_p, repetition_penalty=cfg.eval.repetition_penalty)[0]
+    if gen.format_ok:
+        console.print(Panel(gen.think or "[dim](no reasoning)[/]", title="think", border_style="cyan"))
+        console.print(Panel(gen.answer, title="answer", border_style="green"))
+    else:  # show what the model said rather than empty think/answer boxes
+        console.print(Panel(gen.text or "[dim](empty)[/]", title="output (not one think block + answer)",
+                            border_style="yellow"))
     if not gen.stopped:
-        err.print(f"[yellow]note:[/] stopped at max_new_tokens={max_new_tokens or cfg.eval.max_new_tokens}")
+        err.print(f"[yellow]note:[/] stopped at max_new_tokens={budget}")
+
+
+@app.command()
+@guarded
+def harness(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder or MLflow URI "
+                                        "(default: models:/<registry.name>@candidate)."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """lm-evaluation-harness on the validation split (format rate, character ROUGE-L); logged under harness/."""
+    from sft_core import stages
+    from sft_core.config import stable_hash
+    from sft_core.harness import require_lm_eval
+    from tasks import tracking
+
+    cfg = _config(config, set_)
+    require_lm_eval()
+    uri = model or f"models:/{cfg.registry.name}@candidate"
+    is_uri = uri.startswith(("models:/", "runs:/")) or "://" in uri
+    model_dir = tracking.download_model(uri, cfg) if is_uri else Path(uri)
+    prepared = stages.prepare_data(cfg, log=lambda _msg: None)
+    budget = stages.generation_budget(cfg, prepared["tokenize"])
+    if budget.warning:
+        err.print(f"[yellow]warning:[/] {budget.warning}")
+    out = cfg.workdir_path / "harness-cli" / stable_hash({"model": str(model_dir), "val": prepared["split"]["val_digest"],
+                                                          "new": budget.max_new_tokens})
+    result = stages.run_stage(out, lambda f: stages.harness(cfg, str(model_dir), prepared["split"], f,
+                                                            budget.max_new_tokens), refresh=True)
+    table = Table(title=f"lm-evaluation-harness: {uri}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        table.add_row(f"harness/{k}", fmt(v, 0 if k == "num_samples" else 4))
+    console.print(table)
+    run_id = tracking.run_of(cfg, uri) if uri.startswith("models:/") else None
+    if run_id:
+        tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in result["metrics"].items()})
+        tracking.log_artifact(cfg, run_id, result["results"], "harness")
+        console.print(f"logged under harness/ in MLflow run {run_id}")
 
 
 # --- pipeline + registry -------------------------------------------------------------------
@@ -215,11 +260,14 @@ def run(
     for row in summary["stages"]:
         table.add_row(row["stage"], "[dim]cached[/]" if row["status"] == "cached" else "[green]ran[/]", f"{row['seconds']:.1f}")
     console.print(table)
-    metrics = Table(title="metrics")
+    from flows.finetune import comparison_rows
+
+    metrics = Table(title="base against fine-tuned (validation split, greedy)")
     metrics.add_column("metric")
-    metrics.add_column("value", justify="right")
-    for k, v in summary["metrics"].items():
-        metrics.add_row(k, f"{v:.4f}")
+    metrics.add_column("base", justify="right")
+    metrics.add_column("fine-tuned", justify="right")
+    for name, base, tuned in comparison_rows(summary["metrics"]):
+        metrics.add_row(name, base, tuned)
     console.print(metrics)
     if not summary["retrained"]:
         console.print("[yellow]data and config unchanged: training was skipped (cached)[/]")
@@ -245,7 +293,8 @@ def promote(
     result = promote_gate(_config(config, set_), version=version, alias=alias, force=force, reason=reason)
     for ch in result["checks"]:
         mark = "[green]pass[/]" if ch["passed"] else "[red]FAIL[/]"
-        console.print(f"{mark} {ch['metric']}: candidate {ch['candidate']} vs production {ch['production']} ({ch['rule']})")
+        console.print(f"{mark} {ch['metric']}: candidate {fmt(ch['candidate'])} vs {ch['against']} {fmt(ch['reference'])} "
+                      f"({ch['rule']})")
     console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
 
 

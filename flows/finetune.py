@@ -80,25 +80,42 @@ def finetune(config: dict, refresh: bool = False) -> dict:
         model_dir = step("base-model", model.base_model, cfg)["model_dir"]
         tok_key = stages.tokenize_key(cfg, splits)
         tokens = step("tokenize", data_tasks.tokenize, cfg, splits, model_dir, stages.stage_dir(cfg, "tokenize", tok_key), refresh=refresh)
+        budget = stages.generation_budget(cfg, tokens)
+        if budget.warning:
+            log.warning(budget.warning)
+        new_tokens = budget.max_new_tokens
         run_id, resumed = _await_run(pending)
         log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
         registry.track_data(cfg, run_id, raw, valid, splits, tokens)
-        trn_key = stages.train_key(cfg, tok_key)
-        trained = step("train", training.train, cfg, tokens, model_dir, stages.stage_dir(cfg, "train", trn_key), run_id=run_id, refresh=refresh)
+        trn_key = stages.train_key(cfg, tok_key, new_tokens)
+        trained = step("train", training.train, cfg, tokens, splits, model_dir, stages.stage_dir(cfg, "train", trn_key),
+                       new_tokens, run_id=run_id, refresh=refresh)
         registry.track_training(cfg, run_id, trained)
-        evaluated = step("evaluate", evaluation.evaluate, cfg, trained, tokens,
+        final_dir = trained["final_model_dir"]
+        evaluated = step("evaluate", evaluation.evaluate, cfg, final_dir, tokens,
                          stages.stage_dir(cfg, "evaluate", stages.evaluate_key(cfg, trn_key, tok_key)), refresh=refresh)
-        generated = step("generate", evaluation.generate, cfg, trained["final_model_dir"], splits,
-                         stages.stage_dir(cfg, "generate", stages.generate_key(cfg, trn_key, splits)), refresh=refresh)
-        base = None
+        generated = step("generate", evaluation.generate, cfg, final_dir, splits,
+                         stages.stage_dir(cfg, "generate", stages.generate_key(cfg, trn_key, splits, new_tokens)), new_tokens,
+                         refresh=refresh)
+        base_eval = base_gen = None
         if cfg.eval.compare_base:
-            base = step("generate-base", evaluation.generate, cfg, model_dir, splits,
-                        stages.stage_dir(cfg, "generate", stages.generate_key(cfg, trn_key, splits, base=True)),
-                        name="base_predictions", refresh=refresh)
-        metrics = registry.track_evaluation(cfg, run_id, evaluated, generated, base)
+            base_eval = step("evaluate-base", evaluation.evaluate, cfg, model_dir, tokens,
+                             stages.stage_dir(cfg, "evaluate", stages.evaluate_key(cfg, None, tok_key)), refresh=refresh)
+            base_gen = step("generate-base", evaluation.generate, cfg, model_dir, splits,
+                            stages.stage_dir(cfg, "generate", stages.generate_key(cfg, None, splits, new_tokens)), new_tokens,
+                            base=True, refresh=refresh)
+        metrics = registry.final_metrics(evaluated, generated, base_eval, base_gen)
+        registry.track_evaluation(cfg, run_id, trained, metrics, generated, base_gen)
         registered = None
         if cfg.registry.enabled and cfg.tracking.log_model:
-            registered = step("register", registry.register, cfg, run_id, trained, metrics, trn_key)
+            facts = registry.card_facts(cfg, raw, splits, trained, metrics, generated)
+            registered = step("register", registry.register, cfg, run_id, trained, metrics, trn_key, new_tokens, facts)
+        if cfg.eval.harness:
+            harnessed = step("harness", evaluation.harness, cfg, final_dir, splits,
+                             stages.stage_dir(cfg, "harness", stages.harness_key(cfg, trn_key, splits, new_tokens)),
+                             new_tokens, refresh=refresh)
+            registry.track_harness(cfg, run_id, trained, harnessed)
+            metrics |= {f"harness/{k}": v for k, v in harnessed["metrics"].items()}
         promoted = None
         if registered and cfg.registry.auto_promote:
             from flows.promote import promote_gate
@@ -176,6 +193,16 @@ def _run_tags(cfg: PipelineConfig, raw: dict) -> dict[str, str]:
     }
 
 
+def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
+    """(metric, base, fine-tuned) for the run's figures, one rounding rule (`sft_core.model_card.fmt`)."""
+    from sft_core.model_card import fmt
+
+    digits = {"eval/perplexity": 2, "gen/mean_new_tokens": 1, "gen/mean_think_chars": 1, "gen/mean_answer_chars": 1,
+              "gen/num_samples": 0, "harness/num_samples": 0}
+    return [(k, fmt(metrics.get(f"base/{k}"), digits.get(k, 4)), fmt(v, digits.get(k, 4)))
+            for k, v in metrics.items() if not k.startswith("base/")]
+
+
 def _stage_summary(rows: list[dict]) -> str:
     return ", ".join(f"{r['stage']}:{r['status']}" for r in rows)
 
@@ -184,8 +211,8 @@ def _markdown(cfg: PipelineConfig, s: dict) -> str:
     lines = [f"# qwen-sft run `{cfg.name}`", "", f"MLflow run: [{s['run_id']}]({s['run_url']})", "",
              "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in s["stages"]]
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in s["metrics"].items() if isinstance(v, (int, float))]
+    lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
+    lines += [f"| {name} | {b} | {t} |" for name, b, t in comparison_rows(s["metrics"])]
     if s["registered"]:
         r = s["registered"]
         lines += ["", f"Registered `{r['name']}` version {r['version']} as `@{r['alias']}`."]

@@ -97,6 +97,11 @@ class TrainConfig(_Section):
     loss_chunk_size: int = Field(default=0, ge=0)
     group_by_length: bool = True
     loss: Literal["chunked", "standard"] = "chunked"
+    # which saved checkpoint becomes the final model: `gen_score` (greedy generation on the validation
+    # questions at every checkpoint: mean of format_ok_rate, stop_rate and rouge_l), `loss` (eval loss,
+    # the tutorial's), `none` (the last step). Eval loss and the job disagree once a small model starts
+    # to memorise: its eval loss rises while it learns to answer in the format and stop.
+    metric_for_best_model: Literal["gen_score", "loss", "none"] = "gen_score"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_processes: int = Field(default=1, ge=1)
@@ -117,11 +122,22 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
     num_generate: int = Field(default=16, ge=0)
     generate_batch_size: int = Field(default=16, ge=1)
-    max_new_tokens: int = Field(default=1024, ge=1)
+    # `auto`: the 99th percentile of the validation responses' token counts plus a quarter, capped at
+    # data.max_length; a number below their 95th percentile is warned about before generation
+    max_new_tokens: int | Literal["auto"] = "auto"
     do_sample: bool = False
     temperature: float = Field(default=0.7, gt=0)
     top_p: float = Field(default=0.9, gt=0, le=1)
-    compare_base: bool = False
+    repetition_penalty: float = Field(default=1.0, ge=1.0)
+    compare_base: bool = True  # evaluate and generate with the base model too: the table base | fine-tuned
+    harness: bool = False  # also run lm-evaluation-harness on the registered version (pip install '.[eval]')
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_budget(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
 
 
 class TrackingConfig(_Section):
@@ -168,7 +184,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "PipelineConfig":
-        if self.eval.max_new_tokens > 0 and self.data.max_length < 64:
+        if self.data.max_length < 64:
             raise ValueError("data.max_length must be >= 64 to hold the prompt and an answer")
         return self
 

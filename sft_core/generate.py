@@ -8,6 +8,7 @@ sampler) and returns one `Generation` per question in the input order.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -167,6 +168,7 @@ def generate_answers(
     do_sample: bool = False,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     references: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -208,6 +210,8 @@ def generate_answers(
     gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
+    if repetition_penalty != 1.0:
+        gen_kwargs["repetition_penalty"] = repetition_penalty
     results: list[Generation | None] = [None] * len(questions)
     stop_set = set(stops)
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -253,18 +257,78 @@ def _to_generation(tokenizer: Any, question: str, ids: list[int], stops: set[int
 
 
 def generation_metrics(gens: list[Generation]) -> dict[str, float]:
-    """Format adherence, ROUGE-L (NaN when no generation has a reference), stop rate, lengths."""
+    """Format adherence, ROUGE-L (NaN when no generation has a reference), stop rate, lengths, score.
+
+    `score` is what checkpoint selection maximises (`train.metric_for_best_model: gen_score`): the
+    mean of format_ok_rate, stop_rate and rouge_l (0 without references), each in [0, 1].
+    """
     n = len(gens)
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
+    format_ok, stop = mean([float(g.format_ok) for g in gens]), mean([float(g.stopped) for g in gens])
+    rouge = mean([g.rouge_l for g in gens if g.rouge_l is not None])
     return {
-        "format_ok_rate": mean([float(g.format_ok) for g in gens]),
-        "rouge_l": mean([g.rouge_l for g in gens if g.rouge_l is not None]),
-        "stop_rate": mean([float(g.stopped) for g in gens]),
+        "score": (format_ok + stop + (0.0 if math.isnan(rouge) else rouge)) / 3,
+        "format_ok_rate": format_ok,
+        "rouge_l": rouge,
+        "stop_rate": stop,
         "mean_think_chars": mean([float(len(g.think)) for g in gens]),
         "mean_answer_chars": mean([float(len(g.answer)) for g in gens]),
         "mean_new_tokens": mean([float(g.new_tokens) for g in gens]),
         "num_samples": float(n),
     }
+
+
+@dataclass
+class GenerationBudget:
+    """`eval.max_new_tokens` resolved against the validation responses' token counts."""
+
+    max_new_tokens: int
+    p95: int
+    p99: int
+    warning: str | None = None
+
+
+def resolve_max_new_tokens(setting: int | str, response_percentiles: dict[str, int], max_length: int) -> GenerationBudget:
+    """`auto` = p99 of the responses plus a quarter, rounded up to 16, capped at `max_length`.
+
+    A fixed number below the 95th percentile comes back with a warning: such generations can
+    never close `</think>`, answer and stop, so format and stop rates would read 0 whatever
+    the model learned.
+    """
+    p95, p99 = int(response_percentiles.get("p95", 0)), int(response_percentiles.get("p99", 0))
+    if setting == "auto":
+        budget = max(16, -(-int(p99 * 1.25) // 16) * 16)
+        return GenerationBudget(min(budget, max_length), p95, p99)
+    budget = int(setting)
+    warning = None
+    if budget < p95:
+        warning = (f"eval.max_new_tokens={budget} is below the 95th percentile of the validation responses "
+                   f"({p95} tokens; p99 {p99}): answers that need more can never close </think> or stop, "
+                   "so format and stop rates undercount; use eval.max_new_tokens=auto")
+    return GenerationBudget(budget, p95, p99, warning)
+
+
+PREDICTION_COLUMNS = ("question", "reference_answer", "base_output", "think", "answer", "raw_output", "format_ok",
+                      "stopped", "rouge_l", "new_tokens")
+
+
+def side_by_side(fine_tuned: list[dict[str, Any]], base: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per question: the base model's output beside the fine-tune's think and answer.
+
+    `raw_output` holds the fine-tune's text whenever it does not parse as one think block and an
+    answer, so what the model said is never hidden behind empty think/answer cells.
+    """
+    by_question = {b["question"]: b for b in base or []}
+    rows = []
+    for g in fine_tuned:
+        b = by_question.get(g["question"])
+        rows.append({
+            "question": g["question"], "reference_answer": g.get("reference_answer"),
+            "base_output": b["text"] if b else None, "think": g["think"], "answer": g["answer"],
+            "raw_output": None if g["format_ok"] else g["text"], "format_ok": g["format_ok"],
+            "stopped": g["stopped"], "rouge_l": g.get("rouge_l"), "new_tokens": g["new_tokens"],
+        })
+    return rows

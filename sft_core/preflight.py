@@ -59,6 +59,10 @@ def preflight(cfg: PipelineConfig) -> None:
     """Everything checkable without downloading or training."""
     check_output_paths(cfg)
     check_sources(cfg)
+    if cfg.eval.harness:
+        from sft_core.harness import require_lm_eval
+
+        require_lm_eval()
     from sft_core.modeling import load_tokenizer, model_is_local, resolve_model_dir
 
     if model_is_local(cfg.model, cfg.workdir_path):  # downloads and builds wait for the base-model task

@@ -28,6 +28,7 @@ STAGE_VERSIONS = {
     "train": 1,
     "evaluate": 1,
     "generate": 1,
+    "harness": 1,
 }
 
 
@@ -170,22 +171,46 @@ def tokenize(cfg: PipelineConfig, splits: dict, model_dir: str, folder: Path) ->
 
 # --- model stages ------------------------------------------------------------------------
 
-def train(cfg: PipelineConfig, tokens: dict, model_dir: str, folder: Path, sink=None) -> dict:
+def generation_budget(cfg: PipelineConfig, tokens: dict):
+    """`eval.max_new_tokens` resolved against the validation responses (a `GenerationBudget`)."""
+    from sft_core.generate import resolve_max_new_tokens
+
+    return resolve_max_new_tokens(cfg.eval.max_new_tokens, tokens["stats"]["val"].get("response_length_percentiles", {}),
+                                  cfg.data.max_length)
+
+
+def generation_check(cfg: PipelineConfig, splits: dict, max_new_tokens: int):
+    """The validation questions that checkpoint selection generates on (None: selection by loss or none)."""
+    from sft_core.data import read_jsonl
+    from sft_core.train import GenerationCheck
+
+    if cfg.train.metric_for_best_model != "gen_score" or cfg.eval.num_generate == 0:
+        return None
+    rows = read_jsonl(splits["val"])[: cfg.eval.num_generate]
+    if not rows:
+        return None
+    return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
+                           system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
+                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty)
+
+
+def train(cfg: PipelineConfig, tokens: dict, splits: dict, model_dir: str, folder: Path, max_new_tokens: int,
+          sink=None) -> dict:
     from sft_core.train import run_training
 
     result = run_training(cfg, model_dir=model_dir, train_data=tokens["train_ds"], eval_data=tokens["val_ds"],
-                          output_dir=folder, sink=sink)
+                          output_dir=folder, sink=sink, generation_check=generation_check(cfg, splits, max_new_tokens))
     return result.to_dict()
 
 
-def evaluate(cfg: PipelineConfig, trained: dict, tokens: dict, folder: Path) -> dict:
+def evaluate(cfg: PipelineConfig, model_dir: str, tokens: dict, folder: Path) -> dict:
+    """Loss, perplexity and token accuracy of the model in `model_dir` (fine-tuned or base) on the validation split."""
     import datasets
 
     from sft_core.evaluate import evaluate_model
     from sft_core.modeling import load_model, load_tokenizer, resolve_device
 
     device = resolve_device(cfg.train.device)
-    model_dir = trained["final_model_dir"]
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
     metrics = evaluate_model(model, tokenizer, datasets.load_from_disk(tokens["val_ds"]), batch_size=cfg.eval.batch_size)
@@ -193,7 +218,9 @@ def evaluate(cfg: PipelineConfig, trained: dict, tokens: dict, folder: Path) -> 
     return {"metrics": metrics}
 
 
-def generate(cfg: PipelineConfig, model_dir: str, splits: dict, folder: Path, *, name: str = "predictions") -> dict:
+def generate(cfg: PipelineConfig, model_dir: str, splits: dict, folder: Path, max_new_tokens: int, *,
+             base: bool = False) -> dict:
+    """Greedy answers to the first `eval.num_generate` validation questions, parsed and scored."""
     from dataclasses import asdict
 
     from sft_core.data import read_jsonl
@@ -205,17 +232,32 @@ def generate(cfg: PipelineConfig, model_dir: str, splits: dict, folder: Path, *,
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
-    if name != "predictions":  # the untouched base model: make it stop on <|im_end|> too, for a fair comparison
+    if base:  # the untouched base model: make it stop on <|im_end|> too, for a fair comparison
         prepare_for_sft(model, tokenizer)
     gens = generate_answers(
         model, tokenizer, [r["question"] for r in rows], system_prompt=cfg.data.system_prompt,
-        max_new_tokens=e.max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
-        temperature=e.temperature, top_p=e.top_p, seed=cfg.train.seed, references=[r["answer"] for r in rows],
+        max_new_tokens=max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
+        temperature=e.temperature, top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=cfg.train.seed,
+        references=[r["answer"] for r in rows],
     )
     records = [asdict(g) for g in gens]
-    path = folder / f"{name}.jsonl"
+    path = folder / "predictions.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return {"predictions": str(path), "metrics": generation_metrics(gens)}
+
+
+def harness(cfg: PipelineConfig, model_dir: str, splits: dict, folder: Path, max_new_tokens: int) -> dict:
+    """lm-evaluation-harness on the same validation questions as `generate` (`eval.harness`)."""
+    from sft_core.data import read_jsonl
+    from sft_core.harness import run_harness
+    from sft_core.modeling import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.train.device)
+    dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    rows = read_jsonl(splits["val"])[: cfg.eval.num_generate]
+    return run_harness(model_dir, rows, folder, system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
+                       batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
+                       device=device, dtype=dtype)
 
 
 # --- cache keys: what each stage reads ---------------------------------------------------
@@ -271,20 +313,35 @@ def tokenize_key(cfg: PipelineConfig, splits: dict) -> str:
                                   "system_prompt": d.system_prompt, "max_length": d.max_length, "truncation": d.truncation})
 
 
-def train_key(cfg: PipelineConfig, tok_key: str) -> str:
+def train_key(cfg: PipelineConfig, tok_key: str, max_new_tokens: int) -> str:
     tc = cfg.train.model_dump(exclude={"device", "dataloader_num_workers", "num_processes", "accelerate_config"})
     m = cfg.model.model_dump(include={"dtype", "attn_implementation"})
-    return stage_key("train", {"tokens": tok_key, "model": model_key(cfg), "train": tc, "load": m})
+    # the repetition penalty is saved in the model's generation_config
+    inputs = {"tokens": tok_key, "model": model_key(cfg), "train": tc, "load": m,
+              "repetition_penalty": cfg.eval.repetition_penalty}
+    if cfg.train.metric_for_best_model == "gen_score":  # what selects the checkpoint
+        inputs["check"] = {"max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt,
+                           **cfg.eval.model_dump(include={"num_generate", "generate_batch_size"})}
+    return stage_key("train", inputs)
 
 
-def evaluate_key(cfg: PipelineConfig, trn_key: str, tok_key: str) -> str:
-    return stage_key("evaluate", {"train": trn_key, "tokens": tok_key, "batch_size": cfg.eval.batch_size})
+def evaluate_key(cfg: PipelineConfig, trn_key: str | None, tok_key: str) -> str:
+    """`trn_key` None: the base model."""
+    model = trn_key or "base:" + model_key(cfg)
+    return stage_key("evaluate", {"train": model, "tokens": tok_key, "batch_size": cfg.eval.batch_size})
 
 
-def generate_key(cfg: PipelineConfig, trn_key: str, splits: dict, *, base: bool = False) -> str:
-    e = cfg.eval.model_dump(exclude={"batch_size", "compare_base"})
-    return stage_key("generate", {"train": "base:" + model_key(cfg) if base else trn_key, "val": splits["val_digest"],
-                                  "eval": e, "system_prompt": cfg.data.system_prompt})
+def generate_key(cfg: PipelineConfig, trn_key: str | None, splits: dict, max_new_tokens: int) -> str:
+    """`trn_key` None: the base model."""
+    e = cfg.eval.model_dump(exclude={"batch_size", "compare_base", "harness", "max_new_tokens"})
+    return stage_key("generate", {"train": trn_key or "base:" + model_key(cfg), "val": splits["val_digest"],
+                                  "eval": e, "max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt})
+
+
+def harness_key(cfg: PipelineConfig, trn_key: str, splits: dict, max_new_tokens: int) -> str:
+    e = cfg.eval.model_dump(include={"num_generate", "generate_batch_size", "repetition_penalty"})
+    return stage_key("harness", {"train": trn_key, "val": splits["val_digest"], "eval": e, "max_new_tokens": max_new_tokens,
+                                 "system_prompt": cfg.data.system_prompt})
 
 
 def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[str], None] = print) -> dict:

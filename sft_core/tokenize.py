@@ -58,6 +58,8 @@ class TokenizeStats:
     dropped: int = 0
     supervised_tokens: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
+    # assistant-turn tokens per row before truncation (the `<|im_end|>` included): a generation budget
+    response_length_percentiles: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +80,8 @@ def encode_batch(
     ]
     prompts = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
     completions = tokenizer([c for _, c in rendered], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": [], "truncated": [], "keep": []}
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": [], "truncated": [], "keep": [],
+                            "response_tokens": []}
     for p, c in zip(prompts, completions):
         ids = p + c
         labels = [IGNORE_INDEX] * len(p) + c
@@ -92,6 +95,7 @@ def encode_batch(
         out["length"].append(len(ids))
         out["truncated"].append(truncated)
         out["keep"].append(keep)
+        out["response_tokens"].append(len(c))
     return out
 
 
@@ -108,7 +112,6 @@ def tokenize_rows(
 ):
     """Tokenize rows into a `datasets.Dataset` (input_ids, attention_mask, labels, length) + stats."""
     import datasets
-    import numpy as np
 
     base = datasets.Dataset.from_dict(
         {k: [str(r[k]) for r in rows] for k in ("question", "think", "answer")}
@@ -124,14 +127,22 @@ def tokenize_rows(
         # a fingerprint of our own: hashing the tokenizer for datasets' default one costs seconds
         new_fingerprint=uuid.uuid4().hex,
     )
-    stats = TokenizeStats(rows_in=len(rows), truncated=int(sum(encoded["truncated"])))
+    stats = TokenizeStats(rows_in=len(rows), truncated=int(sum(encoded["truncated"])),
+                          response_length_percentiles=_percentiles(encoded["response_tokens"]))
     keep = encoded["keep"]
     stats.dropped = int(len(keep) - sum(keep))
     if stats.dropped:
         encoded = encoded.filter(lambda k: k, input_columns="keep", desc=f"{desc}: drop", new_fingerprint=uuid.uuid4().hex)
-    encoded = encoded.remove_columns(["truncated", "keep"])
+    encoded = encoded.remove_columns(["truncated", "keep", "response_tokens"])
     stats.rows_out = len(encoded)
-    lengths = np.asarray(encoded["length"] if len(encoded) else [0])
-    stats.length_percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}
+    stats.length_percentiles = _percentiles(encoded["length"])
     stats.supervised_tokens = int(sum(sum(1 for x in lab if x != IGNORE_INDEX) for lab in encoded["labels"]))
     return encoded, stats
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    """p50 / p90 / p95 / p99 / p100 of `values` (0s for none)."""
+    import numpy as np
+
+    arr = np.asarray(values if len(values) else [0])
+    return {f"p{q}": int(np.ceil(np.percentile(arr, q))) for q in (50, 90, 95, 99, 100)}

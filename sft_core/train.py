@@ -23,14 +23,45 @@ ATTN_KEEPS_PACKED_APART = {"sdpa", "flash_attention_2", "flash_attention_3", "fl
 
 
 @dataclass
+class GenerationCheck:
+    """Greedy answers to validation questions, scored at every saved checkpoint to pick the best one.
+
+    Why not eval loss: on a small set, eval loss rises as soon as the model starts to memorise,
+    while what the job needs (one think block, an answer, a stop) is still being learned; the
+    checkpoint with the lowest eval loss can be one that never closes `</think>` (measured on
+    the demo: BENCHMARKS.md, "Does the demo learn").
+    """
+
+    questions: list[str]
+    references: list[str]
+    system_prompt: str
+    max_new_tokens: int
+    batch_size: int = 16
+    repetition_penalty: float = 1.0
+
+    def run(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        from sft_core.generate import generate_answers, generation_metrics
+
+        gens = generate_answers(model, tokenizer, self.questions, system_prompt=self.system_prompt,
+                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                                repetition_penalty=self.repetition_penalty, references=self.references)
+        m = generation_metrics(gens)
+        return {"gen_score": m["score"], **{k: m[k] for k in GENERATION_CHECK_METRICS[1:]}}
+
+
+GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "rouge_l", "mean_new_tokens")
+
+
+@dataclass
 class TrainResult:
     output_dir: str
     final_model_dir: str
     global_step: int
     epochs: float
     train_loss: float | None
-    best_checkpoint: str | None
-    best_eval_loss: float | None
+    best_checkpoint: str | None  # the checkpoint the final model is, when one was selected
+    selected_by: str | None  # the metric that chose it (eval_gen_score, eval_loss), None: the last step
+    best_value: float | None
     resumed_from: str | None
     metrics_file: str
     seconds: float
@@ -104,10 +135,23 @@ def make_collator(tokenizer: Any, *, padding_free: bool, attn_implementation: st
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def build_training_args(tc: TrainConfig, output_dir: str | Path, *, device: str, bf16: bool, has_eval: bool):
+def best_model_metric(tc: TrainConfig, *, has_eval: bool, can_generate: bool) -> str | None:
+    """The Trainer's `metric_for_best_model`, or None when the last step is kept.
+
+    `gen_score` needs evaluation at every save (save_steps a multiple of eval_steps) and a model
+    every rank can generate with (one process, or DDP); otherwise eval loss decides.
+    """
+    if not has_eval or tc.metric_for_best_model == "none" or tc.save_steps % tc.eval_steps != 0:
+        return None
+    if tc.metric_for_best_model == "gen_score" and can_generate:
+        return "eval_gen_score"
+    return "eval_loss"
+
+
+def build_training_args(tc: TrainConfig, output_dir: str | Path, *, device: str, bf16: bool, has_eval: bool,
+                        best_metric: str | None):
     from transformers import TrainingArguments
 
-    load_best = has_eval and tc.save_steps % tc.eval_steps == 0
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=tc.per_device_train_batch_size,
@@ -128,9 +172,9 @@ def build_training_args(tc: TrainConfig, output_dir: str | Path, *, device: str,
         save_strategy="steps",
         save_steps=tc.save_steps,
         save_total_limit=tc.save_total_limit,
-        load_best_model_at_end=load_best,
-        metric_for_best_model="eval_loss" if load_best else None,
-        greater_is_better=False if load_best else None,
+        load_best_model_at_end=best_metric is not None,
+        metric_for_best_model=best_metric,
+        greater_is_better=None if best_metric is None else best_metric != "eval_loss",
         prediction_loss_only=True,  # never gather 150k-wide eval logits
         activation_checkpointing=tc.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
@@ -158,10 +202,12 @@ def make_trainer_class():
     class SFTTrainer(Trainer):
         loss_mode: str = "chunked"
 
-        def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = 1024, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = 1024,
+                     generation_check: GenerationCheck | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.loss_mode = loss_mode
             self.loss_chunk_size = loss_chunk_size
+            self.generation_check = generation_check
             self._supervised_tokens = 0
             self._tokens_clock = time.perf_counter()
 
@@ -185,6 +231,20 @@ def make_trainer_class():
                 self._supervised_tokens, self._tokens_clock = 0, now
             super().log(logs, start_time)
 
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+            """Eval loss, plus the generation check when this step saves a checkpoint (NaN otherwise:
+            only a saved checkpoint can be selected, so generating at other evaluations is wasted)."""
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if self.generation_check is not None:
+                if self.control.should_save:
+                    found = self.generation_check.run(self.accelerator.unwrap_model(self.model), self.processing_class)
+                else:
+                    found = dict.fromkeys(GENERATION_CHECK_METRICS, float("nan"))
+                found = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
+                metrics.update(found)
+                self.log(found)
+            return metrics
+
     return SFTTrainer
 
 
@@ -193,7 +253,8 @@ def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None):
     from transformers import TrainerCallback
 
     names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-             "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch", "eval_loss": "eval/loss"}
+             "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch", "eval_loss": "eval/loss",
+             **{f"eval_{k}": f"eval/{k}" for k in GENERATION_CHECK_METRICS}}
 
     class MetricsCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -219,6 +280,7 @@ def run_training(
     output_dir: str | Path,
     sink: MetricsSink | None = None,
     extra_callbacks: list | None = None,
+    generation_check: GenerationCheck | None = None,
 ) -> TrainResult:
     """Fine-tune `model_dir` on tokenized datasets saved with `save_to_disk`; resume when possible."""
     import datasets
@@ -240,13 +302,20 @@ def run_training(
     model = load_model(model_dir, dtype=dtype, device="cpu", attn_implementation=cfg.model.attn_implementation,
                        trust_remote_code=cfg.model.trust_remote_code)
     prepare_for_sft(model, tokenizer)
+    if cfg.eval.repetition_penalty != 1.0:  # the shipped model generates as it was evaluated and selected
+        model.generation_config.repetition_penalty = cfg.eval.repetition_penalty
     model.config.use_cache = False
 
     train_ds = datasets.load_from_disk(str(train_data))
     eval_ds = datasets.load_from_disk(str(eval_data)) if eval_data else None
     if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
-    args = build_training_args(tc, out, device=device, bf16=dtype == torch.bfloat16 and device == "cuda", has_eval=eval_ds is not None)
+    has_eval = eval_ds is not None
+    # every rank must generate the same thing to agree on the best checkpoint: one process or DDP, not sharded weights
+    can_generate = generation_check is not None and (tc.num_processes == 1 or tc.accelerate_config == "ddp")
+    best_metric = best_model_metric(tc, has_eval=has_eval, can_generate=can_generate)
+    args = build_training_args(tc, out, device=device, bf16=dtype == torch.bfloat16 and device == "cuda",
+                               has_eval=has_eval, best_metric=best_metric)
     collator = make_collator(tokenizer, padding_free=resolve_padding_free(tc.padding_free, device),
                              attn_implementation=cfg.model.attn_implementation,
                              pad_to_multiple_of=8 if device == "cuda" else None)
@@ -262,6 +331,7 @@ def run_training(
         # the chunked loss calls the lm_head outside the wrapper's forward: fine for DDP, not for sharded weights
         loss_mode=tc.loss if tc.num_processes == 1 or tc.accelerate_config == "ddp" else "standard",
         loss_chunk_size=resolve_loss_chunk_size(tc.loss_chunk_size, device),
+        generation_check=generation_check if best_metric == "eval_gen_score" else None,
     )
     resume = last_checkpoint(out)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -272,6 +342,7 @@ def run_training(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final_dir)
         trainer.model.generation_config.save_pretrained(final_dir)
+        (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: the shipped model is safetensors only
     state = trainer.state
     return TrainResult(
         output_dir=str(out),
@@ -280,7 +351,8 @@ def run_training(
         epochs=float(state.epoch or 0.0),
         train_loss=float(result.training_loss) if result.training_loss is not None else None,
         best_checkpoint=state.best_model_checkpoint,
-        best_eval_loss=float(state.best_metric) if state.best_metric is not None else None,
+        selected_by=best_metric,
+        best_value=float(state.best_metric) if state.best_metric is not None and best_metric else None,
         resumed_from=resume,
         metrics_file=str(metrics_file),
         seconds=round(time.perf_counter() - started, 3),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from sft_core.config import PipelineConfig
+from sft_core.model_card import CardFacts, render_model_card
 from tasks import tracking
 
 
@@ -47,29 +51,70 @@ def track_training(cfg: PipelineConfig, run_id: str, trained: dict) -> None:
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.train": marker})
 
 
-@task(name="track-evaluation")
-def track_evaluation(cfg: PipelineConfig, run_id: str, evaluated: dict, generated: dict, base: dict | None) -> dict:
-    """Final eval/gen metrics and the predictions table (think and answer in their own columns)."""
-    m = evaluated["metrics"]
-    g = generated["metrics"]
-    metrics = {"eval/loss": m["loss"], "eval/perplexity": m["perplexity"], "eval/token_accuracy": m["token_accuracy"],
-               **{f"gen/{k}": v for k, v in g.items()}}
-    if base:
-        metrics.update({f"base/gen/{k}": v for k, v in base["metrics"].items()})
-    marker = generated["folder"] + (base["folder"] if base else "")
-    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.eval", marker):
-        return metrics
-    tracking.log_metrics(cfg, run_id, metrics, step=0)
-    tracking.log_predictions(cfg, run_id, generated["predictions"])
-    if base:
-        tracking.log_predictions(cfg, run_id, base["predictions"], artifact_file="base_predictions.json")
-    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.eval": marker})
+def final_metrics(evaluated: dict, generated: dict, base_eval: dict | None = None,
+                  base_gen: dict | None = None) -> dict[str, float]:
+    """The run's headline figures: `eval/…` and `gen/…` of the fine-tune, `base/eval/…`, `base/gen/…` of its base."""
+    def named(ev: dict, gen: dict, prefix: str = "") -> dict[str, float]:
+        m = ev["metrics"]
+        out = {f"{prefix}eval/loss": m["loss"], f"{prefix}eval/perplexity": m["perplexity"],
+               f"{prefix}eval/token_accuracy": m["token_accuracy"]}
+        return out | {f"{prefix}gen/{k}": v for k, v in gen["metrics"].items()}
+
+    metrics = named(evaluated, generated)
+    if base_eval and base_gen:
+        metrics |= named(base_eval, base_gen, "base/")
     return metrics
 
 
+@task(name="track-evaluation")
+def track_evaluation(cfg: PipelineConfig, run_id: str, trained: dict, metrics: dict[str, float], generated: dict,
+                     base_gen: dict | None) -> None:
+    """Final figures at the last training step (the base's at step 0) and one side-by-side predictions table."""
+    marker = generated["folder"] + (base_gen["folder"] if base_gen else "")
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.eval", marker):
+        return
+    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if not k.startswith("base/")},
+                         step=trained["global_step"])
+    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if k.startswith("base/")}, step=0)
+    tracking.log_predictions(cfg, run_id, generated["predictions"], base_gen["predictions"] if base_gen else None)
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.eval": marker})
+
+
+@task(name="track-harness")
+def track_harness(cfg: PipelineConfig, run_id: str, trained: dict, harnessed: dict) -> None:
+    """lm-evaluation-harness figures under `harness/`, its results and samples as artifacts."""
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.harness", harnessed["folder"]):
+        return
+    tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in harnessed["metrics"].items()},
+                         step=trained["global_step"])
+    tracking.log_artifact(cfg, run_id, harnessed["results"], "harness")
+    tracking.log_artifact(cfg, run_id, harnessed["samples"], "harness")
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.harness": harnessed["folder"]})
+
+
+def card_facts(cfg: PipelineConfig, raw: dict, splits: dict, trained: dict, metrics: dict[str, float],
+               generated: dict) -> CardFacts:
+    """What the model card of this run's version says."""
+    samples = [json.loads(x) for x in Path(generated["predictions"]).read_text(encoding="utf-8").splitlines()[:3] if x.strip()]
+    return CardFacts(
+        registered_name=cfg.registry.name, version=None, dataset_digest=raw["digest"], train_rows=splits["train_rows"],
+        val_rows=splits["val_rows"], fine_tuned={k: v for k, v in metrics.items() if not k.startswith("base/")},
+        base={k.removeprefix("base/"): v for k, v in metrics.items() if k.startswith("base/")}, samples=samples,
+        train_steps=trained["global_step"], selected_by=trained.get("selected_by"),
+    )
+
+
 @task(name="register", retries=2, retry_delay_seconds=[5, 30])
-def register(cfg: PipelineConfig, run_id: str, trained: dict, metrics: dict, train_key: str) -> dict:
-    """Log the model from its folder (transformers flavor), register a version, alias `candidate`."""
-    model_uri = tracking.log_model(cfg, run_id, trained["final_model_dir"])
-    headline = {k: metrics[k] for k in ("eval/loss", "eval/perplexity", "gen/format_ok_rate", "gen/rouge_l") if k in metrics}
-    return {**tracking.register(cfg, run_id, model_uri, headline, train_key), "model_uri": model_uri}
+def register(cfg: PipelineConfig, run_id: str, trained: dict, metrics: dict, train_key: str, max_new_tokens: int,
+             facts: CardFacts) -> dict:
+    """Log the model with its card, register a version, alias `candidate`, card as README.md and description."""
+    model_uri = tracking.log_model(cfg, run_id, trained["final_model_dir"], max_new_tokens=max_new_tokens,
+                                   card=render_model_card(cfg, facts))
+    headline = {k: metrics[k] for k in HEADLINE if k in metrics}
+    registered = tracking.register(cfg, run_id, model_uri, headline, train_key)
+    facts.version = registered["version"]
+    tracking.attach_model_card(cfg, model_uri, registered["version"], render_model_card(cfg, facts))
+    return {**registered, "model_uri": model_uri}
+
+
+HEADLINE = ("eval/loss", "eval/perplexity", "gen/format_ok_rate", "gen/stop_rate", "gen/rouge_l", "base/gen/format_ok_rate")

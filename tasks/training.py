@@ -39,15 +39,15 @@ def _sink(cfg: PipelineConfig, run_id: str | None):
 
 
 @task(name="train", **task_options())
-def train(cfg: PipelineConfig, tokens: dict, model_dir: str, folder: Path, run_id: str | None = None,
-          refresh: bool = False) -> dict:
+def train(cfg: PipelineConfig, tokens: dict, splits: dict, model_dir: str, folder: Path, max_new_tokens: int,
+          run_id: str | None = None, refresh: bool = False) -> dict:
     """Full fine-tune; resumes from the last checkpoint in `folder` after a crash."""
     sink, mlflow_logger = _sink(cfg, run_id)
     try:
         if cfg.train.num_processes > 1:
-            body = lambda f: _launch_distributed(cfg, tokens, model_dir, f, sink)  # noqa: E731
+            body = lambda f: _launch_distributed(cfg, tokens, splits, model_dir, f, max_new_tokens, sink)  # noqa: E731
         else:
-            body = lambda f: stages.train(cfg, tokens, model_dir, f, sink=sink)  # noqa: E731
+            body = lambda f: stages.train(cfg, tokens, splits, model_dir, f, max_new_tokens, sink=sink)  # noqa: E731
         return stages.run_stage(folder, body, refresh=refresh, keep_partial=True)
     finally:
         if mlflow_logger:
@@ -66,7 +66,8 @@ def accelerate_command(cfg: PipelineConfig, args: list[str]) -> list[str]:
             "--num_processes", str(cfg.train.num_processes), "-m", "sft_core.launch", *args]
 
 
-def _launch_distributed(cfg: PipelineConfig, tokens: dict, model_dir: str, folder: Path, sink) -> dict:
+def _launch_distributed(cfg: PipelineConfig, tokens: dict, splits: dict, model_dir: str, folder: Path,
+                        max_new_tokens: int, sink) -> dict:
     """Run `accelerate launch`, stream its output to the log and its metrics to the sink."""
     logger = get_run_logger()
     cfg_json, result_json = folder / "launch_config.json", folder / "launch_result.json"
@@ -74,6 +75,7 @@ def _launch_distributed(cfg: PipelineConfig, tokens: dict, model_dir: str, folde
     result_json.unlink(missing_ok=True)  # never pick up the result of an earlier attempt
     cmd = accelerate_command(cfg, ["--config-json", str(cfg_json), "--model-dir", model_dir,
                                    "--train-data", tokens["train_ds"], "--eval-data", tokens["val_ds"],
+                                   "--val-rows", splits["val"], "--max-new-tokens", str(max_new_tokens),
                                    "--output-dir", str(folder), "--result-json", str(result_json)])
     logger.info("launching: %s", " ".join(cmd))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -23,6 +23,10 @@ FAST = [
     "train.max_steps=24", "train.eval_steps=12", "train.save_steps=12", "train.logging_steps=1",
     "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
     "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=4",
+    # the registry loop and caching on a model too small to learn: selection by eval loss (no generation while
+    # training), no base comparison (its gate would refuse an untrained candidate), no lm-eval; the demo's own
+    # test (tests/test_demo.py) runs all three
+    "train.metric_for_best_model=loss", "eval.compare_base=false", "eval.harness=false",
     "registry.name=flow-test-model",
 ]
 

@@ -26,6 +26,7 @@ FAST = [
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
     "data.max_length=256", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
     "train.logging_steps=1", "eval.num_generate=2", "eval.max_new_tokens=4", "eval.batch_size=4",
+    "train.metric_for_best_model=loss", "eval.compare_base=false", "eval.harness=false",
     "registry.name=reliability-model",
 ]
 runner = CliRunner()
@@ -248,10 +249,13 @@ def test_different_configs_get_different_folders():
     a = load_config("demo", env={})
     b = load_config("demo", ["train.learning_rate=1e-3"], env={})
     splits = {"train_digest": "t", "val_digest": "v"}
-    ka, kb = stages.train_key(a, stages.tokenize_key(a, splits)), stages.train_key(b, stages.tokenize_key(b, splits))
+    ka, kb = stages.train_key(a, stages.tokenize_key(a, splits), 512), stages.train_key(b, stages.tokenize_key(b, splits), 512)
     assert ka != kb
-    c = load_config("demo", ["eval.max_new_tokens=3"], env={})
-    assert stages.train_key(c, stages.tokenize_key(c, splits)) == ka, "eval settings do not change the train key"
+    c = load_config("demo", ["eval.batch_size=3", "eval.harness=false"], env={})
+    assert stages.train_key(c, stages.tokenize_key(c, splits), 512) == ka, "evaluation-only settings do not change it"
+    assert stages.train_key(a, stages.tokenize_key(a, splits), 256) != ka, "the selecting generation's budget does"
+    d = load_config("demo", ["train.metric_for_best_model=loss"], env={})
+    assert stages.train_key(d, stages.tokenize_key(d, splits), 256) == stages.train_key(d, stages.tokenize_key(d, splits), 512)
 
 
 # --- 5. gc ----------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def test_checkpoints_rotate(tmp_path: Path):
     from sft_core.train import build_training_args
 
     cfg = load_config("demo", ["train.save_total_limit=2"], env={})
-    args = build_training_args(cfg.train, tmp_path, device="cpu", bf16=False, has_eval=True)
+    args = build_training_args(cfg.train, tmp_path, device="cpu", bf16=False, has_eval=True, best_metric="eval_loss")
     assert args.save_total_limit == 2 and args.load_best_model_at_end
 
 

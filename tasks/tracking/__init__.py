@@ -11,12 +11,14 @@ from tasks.tracking.models import (
     ALIASES,
     PIP_REQUIREMENTS,
     aliases,
+    attach_model_card,
     download_model,
     log_model,
     promote,
     register,
     registered_sources,
     rollback,
+    run_of,
     serving_prompt_template,
 )
 from tasks.tracking.runs import (
@@ -43,10 +45,10 @@ from tasks.tracking.runs import (
 from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri, warm_store
 
 __all__ = [
-    "ALIASES", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "aliases", "artifact_root",
+    "ALIASES", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "aliases", "artifact_root", "attach_model_card",
     "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "git_commit",
     "is_logged", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
     "log_metrics", "log_model", "log_predictions", "promote", "register", "registered_sources", "rollback",
-    "run_url", "serving_prompt_template", "set_tags", "start_or_resume_run", "sync_training_metrics", "tag_value",
+    "run_of", "run_url", "serving_prompt_template", "set_tags", "start_or_resume_run", "sync_training_metrics", "tag_value",
     "tracking_uri", "warm_store",
 ]

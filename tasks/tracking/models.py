@@ -54,8 +54,11 @@ def _transformers5_task_impl_compat():
         pipelines.check_task = original
 
 
-def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
-    """Log the final model from its folder with the transformers flavor; returns the model URI."""
+def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_tokens: int, card: str | None = None) -> str:
+    """Log the final model from its folder with the transformers flavor; returns the model URI.
+
+    `card` (Markdown) is saved as the flavor's model card, so MLflow does not try to fetch one from the hub.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
@@ -66,7 +69,7 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
     if existing:
         return existing[0].model_uri
     # request-time generation settings a served model accepts in `"params"` (defaults: greedy, like evaluation)
-    params = {"max_new_tokens": cfg.eval.max_new_tokens, "do_sample": False, "temperature": cfg.eval.temperature,
+    params = {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": cfg.eval.temperature,
               "top_p": cfg.eval.top_p}
     signature = infer_signature(["问题"], ["<think>…</think>\n\n回答"], params=params)
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), _transformers5_task_impl_compat():
@@ -77,10 +80,34 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str) -> str:
             signature=signature,
             pip_requirements=PIP_REQUIREMENTS,
             prompt_template=serving_prompt_template(cfg, model_dir),
-            model_config={"max_new_tokens": cfg.eval.max_new_tokens, "do_sample": False},
+            model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
             metadata={"system_prompt": cfg.data.system_prompt},
+            model_card=_hub_card(card),
         )
     return info.model_uri
+
+
+def _hub_card(text: str | None):
+    """The card as a hub `ModelCard` (its metadata block is what the hub format expects at the top)."""
+    if text is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    meta = "---\nlanguage: zh\npipeline_tag: text-generation\nlibrary_name: transformers\ntags: [medical, sft]\n---\n"
+    return ModelCard(meta + text)
+
+
+def attach_model_card(cfg: PipelineConfig, model_uri: str, version: int, text: str) -> None:
+    """The card as README.md in the logged model's artifacts and as the version's description."""
+    import tempfile
+
+    c = client(cfg)
+    if model_uri.startswith("models:/m-"):
+        with tempfile.TemporaryDirectory() as tmp:
+            readme = Path(tmp) / "README.md"
+            readme.write_text(text, encoding="utf-8")
+            c.log_model_artifact(model_uri.split("/")[-1], str(readme))
+    c.update_model_version(cfg.registry.name, str(version), description=text)
 
 
 def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str, float], train_key: str) -> dict:
@@ -130,22 +157,15 @@ def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = "ca
     except Exception as exc:
         raise PromotionError(f"registered model '{name}' has no {'version ' + str(version) if version else 'alias @' + alias}") from exc
     prod = _by_alias(c, name, "production")
-    checks = []
     if prod is not None and prod.version == cand.version:
         raise PromotionError(f"version {cand.version} of '{name}' is already @production")
-    if prod is not None:
-        cm, pm = _version_metrics(c, name, cand.version), _version_metrics(c, name, prod.version)
-        g = cfg.registry.gate
-        for metric, ok_fn, rule in (
-            ("eval/loss", lambda a, b: a <= b + g.max_eval_loss_increase, f"<= production + {g.max_eval_loss_increase}"),
-            ("gen/format_ok_rate", lambda a, b: a >= b + g.min_format_ok_delta, f">= production + {g.min_format_ok_delta}"),
-        ):
-            a, b = cm.get(metric), pm.get(metric)
-            passed = a is not None and b is not None and ok_fn(a, b)
-            checks.append({"metric": metric, "candidate": a, "production": b, "rule": rule, "passed": passed})
-    failed = [ch for ch in checks if not ch["passed"]]
+    from sft_core.gate import gate_checks
+
+    pm = _version_metrics(c, name, prod.version) if prod is not None else None
+    checks = gate_checks(_version_metrics(c, name, cand.version), pm, cfg.registry.gate)
+    failed = [ch for ch in checks if not ch.passed]
     if failed and not force:
-        detail = "; ".join(f"{ch['metric']} {ch['candidate']} vs production {ch['production']} (needs {ch['rule']})" for ch in failed)
+        detail = "; ".join(ch.describe() for ch in failed)
         raise PromotionError(f"version {cand.version} of '{name}' failed the gate: {detail} (use --force to override)")
     if prod is not None:
         c.set_registered_model_alias(name, "previous", prod.version)
@@ -154,7 +174,7 @@ def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = "ca
     for k, v in {"promoted_at": stamp, "promoted_by": _user(), "promotion_reason": reason or ("forced" if failed else "gate passed")}.items():
         c.set_model_version_tag(name, cand.version, k, v)
     return {"name": name, "production": int(cand.version), "previous": int(prod.version) if prod else None,
-            "checks": checks, "forced": bool(failed)}
+            "checks": [ch.to_dict() for ch in checks], "forced": bool(failed)}
 
 
 def rollback(cfg: PipelineConfig) -> dict:
@@ -205,6 +225,20 @@ def download_model(uri: str, cfg: PipelineConfig) -> Path:
                     (candidate / f.name).write_bytes(f.read_bytes())
             return candidate
     raise TrackingError(f"'{uri}' does not hold a transformers model folder")
+
+
+def run_of(cfg: PipelineConfig, uri: str) -> str | None:
+    """The run a `models:/NAME@alias` or `models:/NAME/VERSION` URI was registered from, None if it names no version."""
+    ref = uri.removeprefix("models:/")
+    name, sep_alias, alias = ref.partition("@")
+    c = client(cfg)
+    try:
+        if sep_alias:
+            return c.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.partition("/")
+        return c.get_model_version(name, version).run_id if version.isdigit() else None
+    except Exception:
+        return None
 
 
 def registered_sources(cfg: PipelineConfig) -> set[str]:

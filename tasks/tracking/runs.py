@@ -259,13 +259,18 @@ def log_loss_curve(cfg: PipelineConfig, run_id: str, metrics_file: str | Path) -
         client(cfg).log_artifact(run_id, str(out), "plots")
 
 
-def log_predictions(cfg: PipelineConfig, run_id: str, predictions_file: str | Path, artifact_file: str = "predictions.json") -> None:
+def log_predictions(cfg: PipelineConfig, run_id: str, predictions_file: str | Path,
+                    base_file: str | Path | None = None, artifact_file: str = "predictions.json") -> None:
+    """One table: question, reference, the base model's output, the fine-tune's think and answer (raw text when unparsed)."""
     import mlflow
     import pandas as pd
 
-    rows = [json.loads(x) for x in Path(predictions_file).read_text(encoding="utf-8").splitlines() if x.strip()]
-    columns = ["question", "think", "answer", "reference_answer", "format_ok", "rouge_l", "stopped", "new_tokens"]
-    df = pd.DataFrame(rows).reindex(columns=columns)
+    from sft_core.generate import PREDICTION_COLUMNS, side_by_side
+
+    def read(path: str | Path | None) -> list[dict]:
+        return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()] if path else []
+
+    df = pd.DataFrame(side_by_side(read(predictions_file), read(base_file) or None)).reindex(columns=list(PREDICTION_COLUMNS))
     client(cfg)
     mlflow.log_table(data=df, artifact_file=artifact_file, run_id=run_id)
 

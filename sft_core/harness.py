@@ -1,0 +1,91 @@
+"""lm-evaluation-harness on a model folder, with the project's validation split as a local task.
+
+An evaluator this project did not write: lm-eval renders the chat template, batches, generates
+greedily until the stop tokens and aggregates; the task (``sft_core/harness_task/``) only names the
+data and the two metrics (the think/answer format check and character-level ROUGE-L). Offline:
+the model is a local folder and the data a local JSON Lines file. Needs ``pip install '.[eval]'``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sft_core.errors import ConfigError
+
+TASK = "qwen_sft_medical"
+
+
+def require_lm_eval() -> None:
+    """A clear error when the optional evaluator is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("eval.harness=true needs lm-evaluation-harness: pip install 'qwen-sft-pipeline[eval]' "
+                          "(or `make install`), or set eval.harness=false") from exc
+
+
+def write_task(folder: Path, val_jsonl: Path, *, max_new_tokens: int, repetition_penalty: float = 1.0) -> Path:
+    """The task YAML (data file and budget filled in) and its metrics module, into `folder`."""
+    import yaml
+
+    src = resources.files("sft_core") / "harness_task"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (src / f"{TASK}.yaml").read_text(encoding="utf-8")
+    text = text.replace("VAL_JSONL", json.dumps(str(val_jsonl)))
+    text = text.replace("max_gen_toks: 256", f"max_gen_toks: {int(max_new_tokens)}")
+    if repetition_penalty != 1.0:
+        text = text.replace("do_sample: false", f"do_sample: false\n  repetition_penalty: {float(repetition_penalty)}")
+    yaml.safe_load(text.replace("!function", ""))  # still YAML after the edits
+    (folder / f"{TASK}.yaml").write_text(text, encoding="utf-8")
+    (folder / "utils.py").write_text((src / "utils.py").read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+def run_harness(
+    model_dir: str | Path,
+    val_rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    system_prompt: str,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    repetition_penalty: float = 1.0,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Run the task on `val_rows` with the model in `model_dir`; figures, results and samples into `out_dir`."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from sft_core.data import write_jsonl
+
+    out = Path(out_dir)
+    data = write_jsonl([{k: r[k] for k in ("question", "think", "answer")} for r in val_rows], out / "val.jsonl")
+    task_dir = write_task(out / "task", data, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "device": device, "trust_remote_code": False},
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),  # not its ~10k built-in tasks
+        apply_chat_template=True,
+        system_instruction=system_prompt,
+        batch_size=batch_size,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+    )
+    figures = results["results"][TASK]
+    metrics = {"format_ok_rate": float(figures["format_ok,none"]), "rouge_l": float(figures["rouge_l,none"]),
+               "num_samples": float(len(results["samples"][TASK]))}
+    samples = [{"question": s["doc"]["question"], "output": s["filtered_resps"][0], "format_ok": s["format_ok"],
+                "rouge_l": s["rouge_l"]} for s in results["samples"][TASK]]
+    write_jsonl(samples, out / "samples.jsonl")
+    (out / "results.json").write_text(json.dumps({"metrics": metrics, "lm_eval": results["results"],
+                                                  "versions": results.get("versions"),
+                                                  "lm_eval_version": getattr(lm_eval, "__version__", "?")},
+                                                 ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    return {"metrics": metrics, "samples": str(out / "samples.jsonl"), "results": str(out / "results.json")}

@@ -1,0 +1,204 @@
+"""Proof of outcome, the fast parts: the generation budget, selection by generation, base against
+fine-tuned, the model card, the gate against the base, and lm-evaluation-harness agreeing with the
+pipeline's own generation. The demo learning end to end is tests/test_demo.py (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sft_core.config import load_config
+from sft_core.generate import resolve_max_new_tokens
+
+SYSTEM = "你是一个医学专家，你需要根据用户的问题，给出带有思考的回答。"
+
+
+# --- the generation budget ----------------------------------------------------------------------
+
+def test_auto_budget_covers_the_responses_and_is_capped():
+    b = resolve_max_new_tokens("auto", {"p95": 396, "p99": 399}, 1024)
+    assert b.max_new_tokens == 512 and b.max_new_tokens >= 399 * 1.25 and b.warning is None
+    assert resolve_max_new_tokens("auto", {"p95": 396, "p99": 399}, 300).max_new_tokens == 300, "capped at max_length"
+
+
+def test_a_budget_below_the_responses_is_warned_about_with_both_numbers():
+    b = resolve_max_new_tokens(160, {"p95": 396, "p99": 399}, 1024)
+    assert b.max_new_tokens == 160
+    assert b.warning and "eval.max_new_tokens=160" in b.warning and "396" in b.warning and "auto" in b.warning
+    assert resolve_max_new_tokens(400, {"p95": 396, "p99": 399}, 1024).warning is None
+
+
+def test_both_presets_compare_with_the_base_and_size_the_budget_themselves():
+    for preset in ("demo", "qwen2.5-1.5b-medical"):
+        cfg = load_config(preset, env={})
+        assert cfg.eval.compare_base is True, preset
+        assert cfg.eval.max_new_tokens == "auto", preset
+        assert cfg.train.metric_for_best_model == "gen_score", preset
+
+
+def test_tokenize_records_response_lengths(tiny_model_dir):
+    from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+    from sft_core.modeling import load_tokenizer
+    from sft_core.tokenize import tokenize_rows
+
+    rows = read_jsonl(BUNDLED_SAMPLE)[:8]
+    tok = load_tokenizer(tiny_model_dir)
+    ds, stats = tokenize_rows(rows, tok, system_prompt=SYSTEM, max_length=64)
+    per_row = sorted(len(r) - r.count(-100) for r in ds["labels"])  # truncated at 64
+    p = stats.response_length_percentiles
+    assert p["p100"] > 64 >= per_row[-1], "response lengths are counted before truncation"
+    assert p["p50"] <= p["p95"] <= p["p99"] <= p["p100"]
+
+
+# --- selection by generation ---------------------------------------------------------------------
+
+def test_the_checkpoint_kept_is_the_one_that_generated_best(tmp_path, tiny_model_dir):
+    """With metric_for_best_model=gen_score, the final model is the saved checkpoint whose greedy answers
+    scored highest, generation runs only where a checkpoint is saved, and the score is logged per step."""
+    from sft_core.config import PipelineConfig
+    from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+    from sft_core.modeling import load_tokenizer
+    from sft_core.tokenize import tokenize_rows
+    from sft_core.train import GenerationCheck, run_training
+
+    rows = [{"question": r["question"][:30], "think": r["think"][:20], "answer": r["answer"][:12]}
+            for r in read_jsonl(BUNDLED_SAMPLE)[:6]]
+    tok = load_tokenizer(tiny_model_dir)
+    for name in ("train", "val"):
+        ds, _ = tokenize_rows(rows, tok, system_prompt=SYSTEM, max_length=256)
+        ds.save_to_disk(str(tmp_path / name))
+    cfg = PipelineConfig.model_validate({
+        "data": {"system_prompt": SYSTEM, "max_length": 256},
+        "model": {"source": "tiny://", "dtype": "float32"},
+        "train": {"device": "cpu", "gradient_checkpointing": False, "per_device_train_batch_size": 6,
+                  "gradient_accumulation_steps": 1, "max_steps": 24, "learning_rate": 3e-3, "eval_steps": 4,
+                  "save_steps": 8, "save_total_limit": 5, "logging_steps": 4, "warmup_ratio": 0.0},
+    })
+    check = GenerationCheck(questions=[r["question"] for r in rows[:3]], references=[r["answer"] for r in rows[:3]],
+                            system_prompt=SYSTEM, max_new_tokens=24)
+    result = run_training(cfg, model_dir=tiny_model_dir, train_data=tmp_path / "train", eval_data=tmp_path / "val",
+                          output_dir=tmp_path / "out", generation_check=check)
+    records = [json.loads(x) for x in Path(result.metrics_file).read_text().splitlines()]
+    scored = {r["step"]: r["eval/gen_score"] for r in records if "eval/gen_score" in r}
+    assert sorted(scored) == [8, 16, 24], "generation runs at the evaluations that save a checkpoint, and only there"
+    assert {r["step"] for r in records if "eval/loss" in r} == {4, 8, 12, 16, 20, 24}
+    best_step = max(sorted(scored), key=lambda s: (scored[s], -s))  # ties keep the earliest (strictly better wins)
+    assert result.selected_by == "eval_gen_score"
+    assert result.best_checkpoint.endswith(f"checkpoint-{best_step}") and result.best_value == scored[best_step]
+    assert not (Path(result.final_model_dir) / "training_args.bin").exists(), "the shipped model holds no pickle"
+
+
+def test_sharded_training_falls_back_to_eval_loss():
+    from sft_core.train import best_model_metric
+
+    tc = load_config("demo", env={}).train
+    assert best_model_metric(tc, has_eval=True, can_generate=True) == "eval_gen_score"
+    assert best_model_metric(tc, has_eval=True, can_generate=False) == "eval_loss"
+    assert best_model_metric(tc, has_eval=False, can_generate=True) is None
+    last = load_config("demo", ["train.metric_for_best_model=none"], env={}).train
+    assert best_model_metric(last, has_eval=True, can_generate=True) is None
+
+
+# --- what a run shows ----------------------------------------------------------------------------
+
+def test_side_by_side_table_shows_the_raw_text_when_it_does_not_parse():
+    from sft_core.generate import PREDICTION_COLUMNS, side_by_side
+
+    good = {"question": "q1", "text": "<think>\nt\n</think>\n\na", "think": "t", "answer": "a", "format_ok": True,
+            "stopped": True, "new_tokens": 9, "reference_answer": "a", "rouge_l": 1.0}
+    bad = {"question": "q2", "text": "\n\n\n", "think": "", "answer": "", "format_ok": False, "stopped": False,
+           "new_tokens": 3, "reference_answer": "b", "rouge_l": 0.0}
+    base = [{"question": "q2", "text": "base says"}, {"question": "q1", "text": "base one"}]
+    rows = side_by_side([good, bad], base)
+    assert [set(r) for r in rows] == [set(PREDICTION_COLUMNS)] * 2
+    assert rows[0]["base_output"] == "base one" and rows[0]["raw_output"] is None
+    assert rows[1]["base_output"] == "base says" and rows[1]["raw_output"] == "\n\n\n"
+
+
+def test_comparison_rows_put_base_beside_fine_tuned_with_one_rounding_rule():
+    from flows.finetune import comparison_rows
+
+    rows = comparison_rows({"eval/loss": 7.022763252258301, "gen/format_ok_rate": 0.9, "base/eval/loss": 8.3,
+                            "base/gen/format_ok_rate": 0.0, "harness/format_ok_rate": 0.9})
+    assert rows == [("eval/loss", "8.3000", "7.0228"), ("gen/format_ok_rate", "0.0000", "0.9000"),
+                    ("harness/format_ok_rate", "—", "0.9000")]
+
+
+def test_model_card_has_every_section_and_fits_the_description_limit():
+    from sft_core.model_card import DESCRIPTION_LIMIT, CardFacts, render_model_card
+
+    cfg = load_config("qwen2.5-1.5b-medical", env={})
+    long = "很长的思考。" * 400
+    facts = CardFacts(registered_name="m", version=3, dataset_digest="d" * 64, train_rows=2166, val_rows=241,
+                      fine_tuned={"eval/loss": 1.2, "gen/format_ok_rate": 0.95, "gen/stop_rate": 1.0},
+                      base={"eval/loss": 2.0, "gen/format_ok_rate": 0.0, "gen/stop_rate": 0.1},
+                      samples=[{"question": f"问题{i}", "think": long, "answer": long, "format_ok": True} for i in range(5)],
+                      train_steps=1082, selected_by="eval_gen_score")
+    card = render_model_card(cfg, facts)
+    assert len(card) <= DESCRIPTION_LIMIT
+    for part in ("modelscope://Qwen/Qwen2.5-1.5B", "revision `master`", "modelscope://krisfu/delicate_medical_r1_data",
+                 "d" * 64, "2166 train / 241 validation", "| gen/format_ok_rate | 0.00 | 0.95 |", "**1. 问题0**",
+                 "**3. 问题2**", "- think: ", "- answer: ", "models:/m/3", "serve-model", "## Intended use",
+                 "not a medical device", "## Resolved config", "learning_rate: 0.0001"):
+        assert part in card, part
+    assert "**4." not in card, "three samples"
+
+
+# --- the gate checks the base ------------------------------------------------------------------
+
+def test_gate_refuses_a_candidate_that_does_not_beat_its_base(tmp_path):
+    from sft_core.errors import PromotionError
+    from tasks import tracking
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=gate-base"], env={})
+    c = tracking.client(cfg)
+    exp = tracking.ensure_experiment(cfg)
+    c.create_registered_model("gate-base")
+
+    def version(fmt: float, base: float) -> str:
+        run = c.create_run(exp)
+        c.log_metric(run.info.run_id, "gen/format_ok_rate", fmt)
+        c.log_metric(run.info.run_id, "eval/loss", 5.0)
+        c.log_metric(run.info.run_id, "base/gen/format_ok_rate", base, step=0)
+        mv = c.create_model_version("gate-base", source=f"runs:/{run.info.run_id}/m", run_id=run.info.run_id)
+        c.set_registered_model_alias("gate-base", "candidate", mv.version)
+        return mv.version
+
+    version(0.0, 0.0)
+    with pytest.raises(PromotionError) as exc:
+        tracking.promote(cfg)
+    assert "gen/format_ok_rate 0.0 vs base 0.0 (needs > base)" in str(exc.value)
+    assert "production" not in tracking.aliases(cfg)
+    v2 = version(0.9, 0.0)
+    result = tracking.promote(cfg)
+    assert result["production"] == int(v2)
+    assert [(ch["against"], ch["passed"]) for ch in result["checks"]] == [("base", True)]
+
+
+# --- lm-evaluation-harness agrees with the pipeline -----------------------------------------------
+
+def test_harness_generates_what_the_pipeline_generates(tmp_path, tiny_model_dir):
+    """Same rows, same chat template, greedy, same stop tokens: lm-eval's texts and format flags are ours."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional '.[eval]' extra")
+    from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+    from sft_core.generate import generate_answers, generation_metrics
+    from sft_core.harness import run_harness
+    from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft
+
+    rows = read_jsonl(BUNDLED_SAMPLE)[:5]
+    model_dir = tmp_path / "model"
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir, dtype="float32")
+    prepare_for_sft(model, tok)  # stops on <|im_end|>, as a fine-tune saves it
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ours = generate_answers(load_model(model_dir, dtype="float32"), load_tokenizer(model_dir), [r["question"] for r in rows],
+                            system_prompt=SYSTEM, max_new_tokens=24, batch_size=16, references=[r["answer"] for r in rows])
+    theirs = run_harness(model_dir, rows, tmp_path / "harness", system_prompt=SYSTEM, max_new_tokens=24, batch_size=16)
+    samples = [json.loads(x) for x in Path(theirs["samples"]).read_text(encoding="utf-8").splitlines()]
+    by_q = {s["question"]: s for s in samples}
+    assert [by_q[g.question]["output"] for g in ours] == [g.text for g in ours]
+    assert theirs["metrics"]["format_ok_rate"] == generation_metrics(ours)["format_ok_rate"]
+    assert theirs["metrics"]["rouge_l"] == pytest.approx(generation_metrics(ours)["rouge_l"])
+    assert theirs["metrics"]["num_samples"] == 5
