@@ -79,10 +79,10 @@ def block_stop_tokens(model, tokenizer) -> None:
     """Zero the output-embedding rows of every stop token: their logit is 0, below the row maximum."""
     import torch
 
-    from sft_core.generate import stop_token_ids
+    from sft_core.chat import stop_token_ids
 
     with torch.no_grad():
-        model.get_output_embeddings().weight[sorted(set(stop_token_ids(model, tokenizer)))] = 0.0
+        model.get_output_embeddings().weight[sorted(set(stop_token_ids(tokenizer, model.generation_config)))] = 0.0
 
 
 def tutorial_predict(model, tokenizer, questions: list[str], new_tokens: int) -> int:

@@ -18,16 +18,15 @@ Order, all in this process:
 4. with ``--rounds N``: steps 1-3 in N fresh processes (and workdirs); medians are reported.
    (Rounds in one process would not be repeats: the second pays no import or first-use cost.)
 
-Compute = the stage bodies' own seconds (``_DONE.json`` "seconds" in each stage folder
-written by this run) + the tiny base model's build (``build_tiny_model``, timed wherever it
-runs; the base-model stage writes no ``_DONE.json``).
+Compute = the stage bodies' own seconds, as each stage's result records them (the flow
+summary's ``compute_seconds`` per stage row; the same figure ``_DONE.json`` holds).
 Imports of prefect, the project and torch happen before the first run and are reported
 apart (``import mlflow`` is left inside: it is a cost of tracking).
-Orchestration + tracking overhead = first-run flow wall time - compute: Prefect flow and
-task runs, result storage, cache lookups, the MLflow run (in a fresh workdir: creating the
-embedded store: this first use of MLflow is printed apart), params, metrics, artifacts,
-model logging and registration. Timers wrap the calls in ``TIMED_CALLS`` (behaviour
-unchanged) to split the overhead by cause.
+Orchestration + tracking overhead = first-run flow wall time - compute, split into the
+stage tasks' own time around their bodies (Prefect task runs, result storage, cache
+lookups) and the rest (the MLflow run, params, metrics, artifacts, model logging and
+registration, the flow run). The bench reads only what the product reports: it wraps
+nothing.
 
     timeout 1800 .venv/bin/python bench/pipeline.py                 # the demo (minutes)
     .venv/bin/python bench/pipeline.py --tiny                       # smoke: tests' FAST sizes
@@ -39,17 +38,14 @@ Ends with one line: ``pipeline cached/first N.N%  overhead N.N s``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,28 +57,10 @@ TINY = [
     "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "train.logging_steps=1",
     "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
     "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=4",
+    "train.metric_for_best_model=loss", "eval.harness=false",
 ]
 GOAL_CACHED_RATIO = 0.05
 GOAL_OVERHEAD_S = 15.0
-BUILD = "base-model build (compute)"
-MLFLOW_START = "MLflow run start/resume"
-# calls that run in a background thread: their time overlaps compute, so it is shown apart, not in the overhead
-BACKGROUND = {MLFLOW_START}
-# (module, attribute, label): timers wrap these calls (behaviour unchanged) to split the overhead
-TIMED_CALLS = [
-    ("sft_core.tiny_model", "build_tiny_model", BUILD),
-    ("flows.finetune", "preflight", "preflight checks"),
-    ("tasks.tracking", "check_reachable", "tracking reachability check"),
-    ("tasks.tracking", "start_or_resume_run", MLFLOW_START),
-    ("flows.finetune", "_await_run", "waiting for the MLflow run start (after tokenize)"),
-    ("tasks.registry", "track_data", "track-data task"),
-    ("tasks.registry", "track_training", "track-training task"),
-    ("tasks.registry", "track_evaluation", "track-evaluation task"),
-    ("tasks.tracking", "set_tags", "MLflow set tags"),
-    ("tasks.tracking.runs", "set_tags", "MLflow set tags"),  # the same, called inside tasks.tracking.runs
-    ("tasks.tracking", "end_run", "MLflow end run"),
-    ("flows.finetune", "create_markdown_artifact", "Prefect summary artifact"),
-]
 
 
 def isolate_environment(root: Path) -> None:
@@ -118,48 +96,6 @@ def time_server_start() -> tuple[float, float]:
     return times[0], times[1]
 
 
-class Spans:
-    """Exclusive wall seconds spent in selected module-level calls, summed per label.
-
-    A timed call inside another timed call (the tiny-model build inside a preflight, say)
-    counts for itself only: its time is taken off its caller's.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._originals: list[tuple[Any, str, Any]] = []
-        self._local = threading.local()  # per thread: a stack of nested timed calls' child seconds
-
-    def wrap(self, module_name: str, attr: str, label: str) -> None:
-        module = importlib.import_module(module_name)
-        original = getattr(module, attr)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            stack = self._local.__dict__.setdefault("stack", [])
-            stack.append(0.0)
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                children = stack.pop()
-                self.seconds[label] = self.seconds.get(label, 0.0) + elapsed - children
-                if stack:
-                    stack[-1] += elapsed
-
-        self._originals.append((module, attr, original))
-        setattr(module, attr, timed)
-
-    def take(self) -> dict[str, float]:
-        out, self.seconds = self.seconds, {}
-        return out
-
-    def restore(self) -> None:
-        for module, attr, original in reversed(self._originals):
-            setattr(module, attr, original)
-        self._originals.clear()
-
-
 def run_flow(cfg) -> tuple[float, dict]:
     from flows.finetune import run_in_process
 
@@ -168,36 +104,12 @@ def run_flow(cfg) -> tuple[float, dict]:
     return time.perf_counter() - start, summary
 
 
-def body_seconds(workdir: Path) -> dict[str, float]:
-    """Stage name -> summed body seconds from the ``_DONE.json`` files under the workdir."""
-    from sft_core.stages import DONE
-
-    out: dict[str, float] = {}
-    for marker in workdir.glob(f"*/*/{DONE}"):
-        stage_folder = marker.parent.parent.name
-        seconds = float(json.loads(marker.read_text(encoding="utf-8")).get("seconds", 0.0))
-        out[stage_folder] = out.get(stage_folder, 0.0) + seconds
-    return out
-
-
-def stage_bodies(rows: list[dict], bodies: dict[str, float]) -> list[float | None]:
-    """Body seconds per flow-summary row; None where the stage did not run or shares its folder.
-
-    ``generate`` and ``generate-base`` write into the same ``generate/`` folder: when both
-    ran, only their sum is known (it still counts as compute).
-    """
-    folders = [r["stage"].removesuffix("-base") for r in rows]
-    ran = [f for r, f in zip(rows, folders) if r["status"] == "ran"]
-    return [bodies[f] if r["status"] == "ran" and f in bodies and ran.count(f) == 1 else None
-            for r, f in zip(rows, folders)]
-
-
 def measure(args: argparse.Namespace, root: Path) -> dict:
     """One round in this process: server start, a first run in a fresh workdir, cached re-runs."""
     from sft_core.config import load_config
 
     overrides = [*(TINY if args.tiny else []), *args.sets, f"workdir={root / 'work'}", "tracking.uri=null"]
-    cfg = load_config(args.config, overrides, env={})
+    cfg = load_config(args.config, overrides)
     t0 = time.perf_counter()
     import flows.finetune  # noqa: F401  (prefect and the project; reported apart)
 
@@ -206,47 +118,26 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     import torch  # noqa: F401  (a compute library, first touched in the flow body by the run tags; reported apart)
 
     torch_s = time.perf_counter() - t0
-    spans = Spans()
-    for module_name, attr, label in TIMED_CALLS:
-        spans.wrap(module_name, attr, label)
-    try:
-        noop_cold, noop_warm = time_server_start()
-        spans.take()
-        time.sleep(args.settle)  # as before each re-run (below)
-        first_s, first = run_flow(cfg)
-        timed = spans.take()
-        bodies = body_seconds(cfg.workdir_path)
-        cached = []
-        for _ in range(max(1, args.repeats)):
-            # a re-run is a later invocation, not one that starts while the ephemeral server still writes
-            # the last run's events: then its SQLite store answers 503 and Prefect's client retries in 2 s
-            time.sleep(args.settle)
-            cached.append(run_flow(cfg))
-        cached_timed = spans.take()
-    finally:
-        spans.restore()
-
-    build_s = timed.pop(BUILD, 0.0)
-    per_row = stage_bodies(first["stages"], bodies)
-    per_row = [build_s if r["stage"] == "base-model" and r["status"] == "ran" else b
-               for r, b in zip(first["stages"], per_row)]  # its body is the build (no _DONE.json)
-    compute = sum(bodies.values()) + build_s
+    noop_cold, noop_warm = time_server_start()
+    time.sleep(args.settle)  # as before each re-run (below)
+    first_s, first = run_flow(cfg)
+    cached = []
+    for _ in range(max(1, args.repeats)):
+        # a re-run is a later invocation, not one that starts while the ephemeral server still writes
+        # the last run's events: then its SQLite store answers 503 and Prefect's client retries in 2 s
+        time.sleep(args.settle)
+        cached.append(run_flow(cfg))
+    rows = first["stages"]
+    compute = sum(r["compute_seconds"] for r in rows if r["status"] == "ran")
+    around = sum(r["seconds"] - r["compute_seconds"] for r in rows if r["status"] == "ran")
     overhead = first_s - compute
-    background = {label: timed.pop(label) for label in BACKGROUND if label in timed}
-    parts = {**timed,
-             "register task (log model, version, alias)":
-                 sum(r["seconds"] for r in first["stages"] if r["stage"] == "register"),
-             "Prefect task runs around the stage bodies":
-                 sum(r["seconds"] - b for r, b in zip(first["stages"], per_row) if b is not None)}
-    parts["the rest: flow/task run bookkeeping, cache lookups, results"] = overhead - sum(parts.values())
+    parts = {"stage tasks around their bodies (Prefect task runs, results, cache lookups)": around,
+             "the rest: MLflow run, tracking tasks, registration, the flow run": overhead - around}
     cached_s = statistics.median(t for t, _ in cached)
     return {
-        "import_s": import_s, "torch_s": torch_s, "noop_cold": noop_cold, "noop_warm": noop_warm, "server_s": noop_cold - noop_warm,
-        # first use of MLflow (import, creating the store) = the run start's time in the first run minus a re-run's
-        "mlflow_first_use_s": background.get(MLFLOW_START, 0.0) - cached_timed.get(MLFLOW_START, 0.0) / len(cached),
-        "train_steps": first["train_steps"], "first_s": first_s, "stages": first["stages"], "per_row": per_row,
-        "compute": compute, "overhead": overhead, "parts": parts, "background": background,
-        "cached_parts": {k: v / len(cached) for k, v in cached_timed.items()},
+        "import_s": import_s, "torch_s": torch_s, "noop_cold": noop_cold, "noop_warm": noop_warm,
+        "server_s": noop_cold - noop_warm, "train_steps": first["train_steps"], "first_s": first_s, "stages": rows,
+        "compute": compute, "overhead": overhead, "parts": parts,
         "cached_all": [t for t, _ in cached], "cached_s": cached_s, "ratio": cached_s / first_s,
         "cached_stages": sorted(cached, key=lambda c: c[0])[len(cached) // 2][1]["stages"],
         "not_cached": sorted({r["stage"] for _, c in cached for r in c["stages"] if r["status"] != "cached"}),
@@ -268,7 +159,7 @@ def report(rounds: list[dict], args: argparse.Namespace) -> int:
         return statistics.median(r[key] for r in rounds)
 
     first_s, compute, overhead, cached_s, ratio = (med(k) for k in ("first_s", "compute", "overhead", "cached_s", "ratio"))
-    import_s, torch_s, server_s, first_use = med("import_s"), med("torch_s"), med("server_s"), med("mlflow_first_use_s")
+    import_s, torch_s, server_s = med("import_s"), med("torch_s"), med("server_s")
     shown = sorted(rounds, key=lambda r: r["overhead"])[len(rounds) // 2]
 
     print(f"machine: {machine_info()}")
@@ -278,8 +169,8 @@ def report(rounds: list[dict], args: argparse.Namespace) -> int:
     header = f"{'stage':<14} {'first':>6} {'task s':>8} {'body s':>8}   {'cached':>6} {'task s':>8}"
     print(header)
     print("-" * len(header))
-    for r, b, c in zip(shown["stages"], shown["per_row"], shown["cached_stages"]):
-        body = f"{b:8.2f}" if b is not None else f"{'-':>8}"
+    for r, c in zip(shown["stages"], shown["cached_stages"]):
+        body = f"{r['compute_seconds']:8.2f}" if r["status"] == "ran" else f"{'-':>8}"
         print(f"{r['stage']:<14} {r['status']:>6} {r['seconds']:>8.2f} {body}   {c['status']:>6} {c['seconds']:>8.2f}")
     print("-" * len(header))
     if len(rounds) > 1:
@@ -287,18 +178,10 @@ def report(rounds: list[dict], args: argparse.Namespace) -> int:
             print(f"round {i}: first {r['first_s']:.1f} s, compute {r['compute']:.1f} s, overhead {r['overhead']:.1f} s, "
                   f"cached {r['cached_s']:.2f} s ({r['ratio']:.1%}), server start {r['server_s']:.1f} s")
     about = " (medians over rounds, each taken on its own: they need not add up)" if len(rounds) > 1 else ""
-    print(f"first run wall {first_s:.1f} s = compute {compute:.1f} s (stage bodies from _DONE.json + base-model "
-          f"build) + orchestration/tracking overhead {overhead:.1f} s{about}; overhead by cause:")
+    print(f"first run wall {first_s:.1f} s = compute {compute:.1f} s (the stage bodies, as their results record "
+          f"them) + orchestration/tracking overhead {overhead:.1f} s{about}; overhead by cause:")
     for label in shown["parts"]:
         print(f"    {statistics.median(r['parts'].get(label, 0.0) for r in rounds):7.2f} s  {label}")
-    for label in shown.get("background", {}):
-        print(f"    in a background thread, overlapping compute (not in the overhead; its wait is above): "
-              f"{statistics.median(r['background'].get(label, 0.0) for r in rounds):.2f} s  {label}")
-    print(f"    one-off, inside '{MLFLOW_START}': ~{first_use:.1f} s first use of MLflow in this process and workdir "
-          f"(import, creating the store; = its time here minus in a re-run)")
-    print("cached re-run by cause (mean per re-run):")
-    for label, secs in sorted(shown.get("cached_parts", {}).items(), key=lambda kv: -kv[1]):
-        print(f"    {secs:7.2f} s  {label}")
     cached_all = [t for r in rounds for t in r["cached_all"]]
     not_cached = sorted({s for r in rounds for s in r["not_cached"]})
     print(f"cached re-run wall: median {cached_s:.2f} s ({', '.join(f'{t:.2f}' for t in cached_all)}); "

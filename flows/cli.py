@@ -33,6 +33,9 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a key: section.key=val
 
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    from sft_core.process import configure_process
+
+    configure_process()  # before prefect, mlflow or torch load
     _DEBUG["on"] = debug or os.environ.get("QWEN_SFT_DEBUG") == "1"
 
 
@@ -81,18 +84,17 @@ def validate(
 
     cfg = _config(config, [*(set_ or []), f"data.source={source}", f"data.validation_policy={policy}"])
     out = out or cfg.workdir_path / "validate-cli"
-    raw = stages.run_stage(out / "ingest", lambda f: stages.ingest(cfg, f), refresh=True)
-    res = stages.run_stage(out / "validate", lambda f: stages.validate(cfg, raw, f), refresh=True)
-    table = Table(title=f"validation of {raw['location']}")
+    raw = stages.STAGES["ingest"].run_into(cfg, out / "ingest", refresh=True)
+    res = stages.STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw)
+    table = Table(title=f"validation of {raw.location}")
     table.add_column("item")
     table.add_column("value", justify="right")
-    for k in ("rows",):
-        table.add_row(k, str(raw[k]))
+    table.add_row("rows", str(raw.rows))
     for k in ("good_rows", "bad_rows", "digest", "report", "docs", "quarantine"):
-        table.add_row(k, str(res[k]))
+        table.add_row(k, str(getattr(res, k)))
     console.print(table)
-    if res["bad_rows"]:
-        console.print(f"[yellow]{res['bad_rows']} rows quarantined[/] -> {res['quarantine']}")
+    if res.bad_rows:
+        console.print(f"[yellow]{res.bad_rows} rows quarantined[/] -> {res.quarantine}")
 
 
 @app.command()
@@ -108,19 +110,19 @@ def prepare(
 
     cfg = _config(config, set_)
     result = prepare_data(cfg, refresh=refresh, log=console.print)
+    raw, valid, splits, tokens = result["ingest"], result["validate"], result["split"], result["tokenize"]
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(result["split"]["train"], out / "train.jsonl")
-    shutil.copy(result["split"]["val"], out / "val.jsonl")
-    if result["validate"].get("report"):
-        shutil.copy(result["validate"]["report"], out / "validation_report.json")
+    shutil.copy(splits.train, out / "train.jsonl")
+    shutil.copy(splits.val, out / "val.jsonl")
+    if valid.report:
+        shutil.copy(valid.report, out / "validation_report.json")
     stats = {
-        "dataset_digest": result["ingest"]["digest"],
-        "valid_digest": result["validate"]["digest"],
-        "rows": {"raw": result["ingest"]["rows"], "valid": result["validate"]["good_rows"],
-                 "quarantined": result["validate"]["bad_rows"], "train": result["split"]["train_rows"],
-                 "val": result["split"]["val_rows"]},
-        "tokens": result["tokenize"]["stats"],
-        "truncated": sum(s["truncated"] for s in result["tokenize"]["stats"].values()),
+        "dataset_digest": raw.digest,
+        "valid_digest": valid.digest,
+        "rows": {"raw": raw.rows, "valid": valid.good_rows, "quarantined": valid.bad_rows, "train": splits.train_rows,
+                 "val": splits.val_rows},
+        "tokens": tokens.stats,
+        "truncated": sum(s["truncated"] for s in tokens.stats.values()),
         "config_hash": cfg.config_hash(),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -130,7 +132,7 @@ def prepare(
     table.add_column("p50 / p95 / max tokens", justify="right")
     table.add_column("truncated", justify="right")
     for name in ("train", "val"):
-        st = result["tokenize"]["stats"][name]
+        st = tokens.stats[name]
         p = st["length_percentiles"]
         table.add_row(name, str(st["rows_out"]), f"{p['p50']} / {p['p95']} / {p['p100']}", str(st["truncated"]))
     console.print(table)
@@ -169,11 +171,7 @@ def predict(
     from sft_core.modeling import load_model, load_tokenizer, resolve_device
 
     cfg = _config(config, set_)
-    model_dir = Path(model)
-    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
-        from tasks.tracking import download_model
-
-        model_dir = download_model(model, cfg)
+    model_dir = _model_folder(model, cfg)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(model_dir)
     lm = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
@@ -190,6 +188,15 @@ def predict(
                             border_style="yellow"))
     if not gen.stopped:
         err.print(f"[yellow]note:[/] stopped at max_new_tokens={budget}")
+
+
+def _model_folder(model: str, cfg: PipelineConfig) -> Path:
+    """A model folder, or an MLflow URI (`models:/NAME@alias`, `runs:/...`) downloaded to one."""
+    if model.startswith(("models:/", "runs:/")) or "://" in model:
+        from tasks.tracking import download_model
+
+        return download_model(model, cfg)
+    return Path(model)
 
 
 @app.command()
@@ -209,26 +216,27 @@ def harness(
     cfg = _config(config, set_)
     require_lm_eval()
     uri = model or f"models:/{cfg.registry.name}@candidate"
-    is_uri = uri.startswith(("models:/", "runs:/")) or "://" in uri
-    model_dir = tracking.download_model(uri, cfg) if is_uri else Path(uri)
+    model_dir = _model_folder(uri, cfg)
     prepared = stages.prepare_data(cfg, log=lambda _msg: None)
     budget = stages.generation_budget(cfg, prepared["tokenize"])
     if budget.warning:
         err.print(f"[yellow]warning:[/] {budget.warning}")
-    out = cfg.workdir_path / "harness-cli" / stable_hash({"model": str(model_dir), "val": prepared["split"]["val_digest"],
+    splits = prepared["split"]
+    out = cfg.workdir_path / "harness-cli" / stable_hash({"model": str(model_dir), "val": splits.val_digest,
                                                           "new": budget.max_new_tokens})
-    result = stages.run_stage(out, lambda f: stages.harness(cfg, str(model_dir), prepared["split"], f,
-                                                            budget.max_new_tokens), refresh=True)
+    model_ref = stages.BaseModel(key=None, folder=str(model_dir), model_dir=str(model_dir))
+    result = stages.STAGES["harness"].run_into(cfg, out, refresh=True, model=model_ref, splits=splits,
+                                               max_new_tokens=budget.max_new_tokens)
     table = Table(title=f"lm-evaluation-harness: {uri}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in result["metrics"].items():
+    for k, v in result.metrics.items():
         table.add_row(f"harness/{k}", fmt(v, 0 if k == "num_samples" else 4))
     console.print(table)
     run_id = tracking.run_of(cfg, uri) if uri.startswith("models:/") else None
     if run_id:
-        tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in result["metrics"].items()})
-        tracking.log_artifact(cfg, run_id, result["results"], "harness")
+        tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in result.metrics.items()})
+        tracking.log_artifact(cfg, run_id, result.results, "harness")
         console.print(f"logged under harness/ in MLflow run {run_id}")
 
 
@@ -342,23 +350,86 @@ def gc(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Delete old stage folders in the workdir; never one that a registered model version came from."""
-    from tasks.workspace import gc as do_gc
+    from sft_core.workspace import gc as do_gc
+    from tasks.tracking import registered_folders
 
-    result = do_gc(_config(config, set_), keep, dry_run=dry_run)
+    cfg = _config(config, set_)
+    result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     for path in result["deleted"]:
         console.print(f"{verb} {path}")
     console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
 
 
-def _register_extra_commands() -> None:
-    """Team-setup commands (deploy, serve, serve-model) live in flows/deploy.py."""
-    from flows.deploy import register_commands
+# --- team set-up: scheduled retraining and serving ------------------------------------------------
 
-    register_commands(app)
+CronOpt = typer.Option(None, "--cron", help="Cron expression (default: schedule.cron, weekly).")
+TzOpt = typer.Option(None, "--timezone", help="IANA time zone of the cron (default: schedule.timezone).")
+NameOpt = typer.Option(None, "--name", help="Deployment name (default: finetune-<config name>).")
 
 
-_register_extra_commands()
+@app.command("deploy")
+@guarded
+def deploy_cmd(
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    cron: Optional[str] = CronOpt,
+    timezone: Optional[str] = TzOpt,
+    pool: Optional[str] = typer.Option(None, "--pool", help="Work pool (default: schedule.work_pool; a process "
+                                                            "pool is created when missing)."),
+    name: Optional[str] = NameOpt,
+    source: Optional[str] = typer.Option(None, "--source", help="Folder the worker starts runs in "
+                                                                "(default: this checkout; /app in the image)."),
+    paused: bool = typer.Option(False, "--paused", help="Register with the schedule paused."),
+) -> None:
+    """Register the scheduled `finetune` deployment with the Prefect server in PREFECT_API_URL."""
+    from flows.deploy import deploy
+
+    cfg = _config(config, set_)
+    d = deploy(cfg, cron=cron, timezone=timezone, pool=pool, name=name, source=source, paused=paused)
+    console.print(f"deployment [bold]{d['name']}[/] ({d['id']}) on {d['api_url']}")
+    console.print(f"schedule: cron '{d['cron']}' {d['timezone']}{' (paused)' if paused else ''}; "
+                  f"concurrency limit 1 (later runs wait)")
+    console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}")
+    console.print(f"start a worker: prefect worker start --pool {d['work_pool']}")
+    console.print(f"run it now:     prefect deployment run '{d['name']}'")
+
+
+@app.command("serve")
+@guarded
+def serve_cmd(
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    cron: Optional[str] = CronOpt,
+    timezone: Optional[str] = TzOpt,
+    name: Optional[str] = NameOpt,
+) -> None:
+    """Run the retraining schedule in the foreground (one box, no worker); Ctrl-C stops it."""
+    from flows.deploy import serve
+
+    serve(_config(config, set_), cron=cron, timezone=timezone, name=name)
+
+
+@app.command("serve-model")
+@guarded
+def serve_model_cmd(
+    alias: str = typer.Option("production", "--alias", help="Registry alias to serve."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it)."),
+    port: int = typer.Option(5001, "--port", help="HTTP port."),
+    workers: int = typer.Option(1, "--workers", help="Server processes (each loads the model)."),
+    timeout: int = typer.Option(600, "--timeout", help="Seconds one request may take (generation on CPU is slow)."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Serve models:/<registry.name>@<alias> over HTTP with `mlflow models serve` (this environment)."""
+    from tasks.tracking.serving import check_alias, model_uri, serving_command
+
+    cfg = _config(config, set_)
+    version = check_alias(cfg, alias)
+    argv, env = serving_command(cfg, alias=alias, host=host, port=port, workers=workers, timeout=timeout)
+    console.print(f"serving {model_uri(cfg, alias)} (version {version}) on http://{host}:{port}/invocations")
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)  # the server takes this process's place (and PID)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,13 +19,10 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any
 
 from sft_core.config import PipelineConfig, flatten, redact
-from sft_core.errors import ConfigError, OrchestrationError, PromotionError
-
-if TYPE_CHECKING:
-    import typer
+from sft_core.errors import ConfigError, OrchestrationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/finetune.py:finetune"  # relative to the repository root, where the worker runs it
@@ -194,104 +191,3 @@ def serve(cfg: PipelineConfig, *, cron: str | None = None, timezone: str | None 
         tags=deployment_tags(cfg),
         description=f"Scheduled retraining of {cfg.registry.name} ({cfg.name}), served from one process.",
     )
-
-
-# --- model serving ---------------------------------------------------------------------------------
-
-def model_uri(cfg: PipelineConfig, alias: str = "production") -> str:
-    return f"models:/{cfg.registry.name}@{alias}"
-
-
-def check_alias(cfg: PipelineConfig, alias: str = "production") -> int:
-    """The version behind `@alias`, or a PromotionError that says how to get one."""
-    from tasks.tracking import check_reachable, client
-
-    uri = check_reachable(cfg)
-    try:
-        return int(client(cfg).get_model_version_by_alias(cfg.registry.name, alias).version)
-    except Exception as exc:
-        raise PromotionError(f"registered model '{cfg.registry.name}' (registry.name) has no @{alias} version in "
-                             f"{uri}; run `qwen-sft run`, then `qwen-sft promote`") from exc
-
-
-def serving_command(cfg: PipelineConfig, *, alias: str = "production", host: str = "127.0.0.1", port: int = 5001,
-                    workers: int = 1, timeout: int = 600) -> tuple[list[str], dict[str, str]]:
-    """`mlflow models serve` for `models:/NAME@alias` in this environment, and the environment it needs."""
-    from tasks.tracking import tracking_uri
-
-    uri = tracking_uri(cfg)
-    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri(cfg, alias), "--env-manager", "local",
-            "--host", host, "--port", str(port), "--workers", str(workers), "--timeout", str(timeout)]
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-    return argv, env
-
-
-# --- CLI -------------------------------------------------------------------------------------------
-
-def register_commands(app: "typer.Typer") -> None:
-    """Add `deploy`, `serve` and `serve-model` to the `qwen-sft` app."""
-    import typer
-
-    from flows.cli import ConfigOpt, SetOpt, _config, console, guarded
-
-    CronOpt = typer.Option(None, "--cron", help="Cron expression (default: schedule.cron, weekly).")
-    TzOpt = typer.Option(None, "--timezone", help="IANA time zone of the cron (default: schedule.timezone).")
-    NameOpt = typer.Option(None, "--name", help="Deployment name (default: finetune-<config name>).")
-
-    @app.command("deploy")
-    @guarded
-    def deploy_cmd(
-        config: Optional[str] = ConfigOpt,
-        set_: Optional[list[str]] = SetOpt,
-        cron: Optional[str] = CronOpt,
-        timezone: Optional[str] = TzOpt,
-        pool: Optional[str] = typer.Option(None, "--pool", help="Work pool (default: schedule.work_pool; a process "
-                                                                "pool is created when missing)."),
-        name: Optional[str] = NameOpt,
-        source: Optional[str] = typer.Option(None, "--source", help="Repository folder as the worker sees it "
-                                                                    "(default: this checkout; /app in the image)."),
-        paused: bool = typer.Option(False, "--paused", help="Register with the schedule paused."),
-    ) -> None:
-        """Register the scheduled `finetune` deployment with the Prefect server in PREFECT_API_URL."""
-        cfg = _config(config, set_)
-        d = deploy(cfg, cron=cron, timezone=timezone, pool=pool, name=name, source=source, paused=paused)
-        console.print(f"deployment [bold]{d['name']}[/] ({d['id']}) on {d['api_url']}")
-        console.print(f"schedule: cron '{d['cron']}' {d['timezone']}{' (paused)' if paused else ''}; "
-                      f"concurrency limit 1 (later runs wait)")
-        console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}")
-        console.print(f"start a worker: prefect worker start --pool {d['work_pool']}")
-        console.print(f"run it now:     prefect deployment run '{d['name']}'")
-
-    @app.command("serve")
-    @guarded
-    def serve_cmd(
-        config: Optional[str] = ConfigOpt,
-        set_: Optional[list[str]] = SetOpt,
-        cron: Optional[str] = CronOpt,
-        timezone: Optional[str] = TzOpt,
-        name: Optional[str] = NameOpt,
-    ) -> None:
-        """Run the retraining schedule in the foreground (one box, no worker); Ctrl-C stops it."""
-        cfg = _config(config, set_)
-        serve(cfg, cron=cron, timezone=timezone, name=name)
-
-    @app.command("serve-model")
-    @guarded
-    def serve_model_cmd(
-        alias: str = typer.Option("production", "--alias", help="Registry alias to serve."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it)."),
-        port: int = typer.Option(5001, "--port", help="HTTP port."),
-        workers: int = typer.Option(1, "--workers", help="Server processes (each loads the model)."),
-        timeout: int = typer.Option(600, "--timeout", help="Seconds one request may take (generation on CPU is slow)."),
-        config: Optional[str] = ConfigOpt,
-        set_: Optional[list[str]] = SetOpt,
-    ) -> None:
-        """Serve models:/<registry.name>@<alias> over HTTP with `mlflow models serve` (this environment)."""
-        cfg = _config(config, set_)
-        version = check_alias(cfg, alias)
-        argv, env = serving_command(cfg, alias=alias, host=host, port=port, workers=workers, timeout=timeout)
-        console.print(f"serving {model_uri(cfg, alias)} (version {version}) on http://{host}:{port}/invocations")
-        sys.stdout.flush()
-        os.execve(argv[0], argv, env)  # the server takes this process's place (and PID)

@@ -1,7 +1,8 @@
 """Typed configuration: one pydantic tree loaded from YAML, overridable with ``--set k=v``.
 
-Precedence (lowest to highest): model defaults < YAML preset < environment
-(``MLFLOW_TRACKING_URI`` for ``tracking.uri``) < ``--set`` overrides.
+Precedence (lowest to highest): model defaults < YAML preset < ``--set`` overrides. The tracking
+store (``tracking.uri`` or ``MLFLOW_TRACKING_URI``) is resolved at run time, where the flow runs:
+``tasks.tracking.tracking_uri``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sft_core.errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = "你是一个医学专家，你需要根据用户的问题，给出带有思考的回答。"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def presets() -> Path:
+    """The folder of the shipped presets (`configs/` in the repository, `sft_core/configs` in the wheel)."""
+    from importlib import resources
+
+    return Path(str(resources.files("sft_core.configs")))
 
 
 class _Section(BaseModel):
@@ -282,24 +289,18 @@ def resolve_config_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    candidate = CONFIG_DIR / f"{path}.yaml"
-    if candidate.exists():
+    candidate = presets() / f"{Path(path).name.removesuffix('.yaml')}.yaml"
+    if candidate.exists():  # a preset name, or a repository path such as configs/demo.yaml from anywhere
         return candidate
     raise ConfigError(f"config file '{path}' not found (presets: {', '.join(list_presets())})")
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in presets().glob("*.yaml"))
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-    *,
-    env: dict[str, str] | None = None,
-) -> PipelineConfig:
-    """Load YAML (or defaults), apply environment then `--set` overrides, validate."""
-    env = dict(os.environ) if env is None else env
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    """Load YAML (or defaults), apply `--set` overrides, validate."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -312,8 +313,6 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{cfg_path}: top level must be a mapping")
         tree = loaded
-    if env.get("MLFLOW_TRACKING_URI") and (tree.get("tracking") or {}).get("uri") is None:
-        tree.setdefault("tracking", {})["uri"] = env["MLFLOW_TRACKING_URI"]
     pairs: list[tuple[str, Any]] = []
     if isinstance(overrides, dict):
         pairs = list(overrides.items())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sft_core.errors import DataFormatError, DataSourceError
+from sft_core.sources import Source, parse_data_source
 
 BUNDLED_SAMPLE: Path = Path(__file__).parent / "sample_data" / "medical_sample.jsonl"
 REQUIRED_COLUMNS: tuple[str, ...] = ("question", "think", "answer")
@@ -68,18 +69,18 @@ def load_rows(
     Raises DataSourceError when the source cannot be reached or found, DataFormatError
     when what was fetched cannot be parsed into rows with the required columns.
     """
-    source = source.strip()
-    if source in ("sample", "bundled://sample"):
+    src = parse_data_source(source, revision=revision)
+    if src.kind == "bundled":
         location = str(BUNDLED_SAMPLE)
         rows, numbers = _read_local(BUNDLED_SAMPLE)
-    elif source.startswith("modelscope://"):
-        rows, location = _load_modelscope(source, subset, split, revision, cache_dir)
+    elif src.kind == "modelscope":
+        rows, location = _load_modelscope(src, subset, split, cache_dir)
         numbers = list(range(1, len(rows) + 1))
-    elif source.startswith("hf://"):
-        rows, location = _load_hf(source, subset, split, revision, cache_dir)
+    elif src.kind == "hf":
+        rows, location = _load_hf(src, subset, split, cache_dir)
         numbers = list(range(1, len(rows) + 1))
     else:
-        path = Path(source.removeprefix("file://")).expanduser()
+        path = src.path
         if not path.exists():
             raise DataSourceError(_missing_file_message(source, path))
         if path.is_dir():
@@ -142,12 +143,12 @@ def _remote_error(source: str, subset: str | None, split: str, exc: BaseExceptio
 
 
 def _load_modelscope(
-    source: str, subset: str | None, split: str, revision: str | None, cache_dir: str | None
+    src: Source, subset: str | None, split: str, cache_dir: str | None
 ) -> tuple[list[dict[str, Any]], str]:
-    dataset_id = source.removeprefix("modelscope://").strip("/")
+    source, dataset_id = src.uri(), src.repo_id
     kwargs: dict[str, Any] = {"subset_name": subset, "split": split}
-    if revision:
-        kwargs["version"] = revision
+    if src.revision:
+        kwargs["version"] = src.revision
     if cache_dir:
         kwargs["cache_dir"] = cache_dir
     try:
@@ -162,13 +163,13 @@ def _load_modelscope(
 
 
 def _load_hf(
-    source: str, subset: str | None, split: str, revision: str | None, cache_dir: str | None
+    src: Source, subset: str | None, split: str, cache_dir: str | None
 ) -> tuple[list[dict[str, Any]], str]:
-    dataset_id = source.removeprefix("hf://").strip("/")
+    source, dataset_id = src.uri(), src.repo_id
     try:
         import datasets
 
-        ds = datasets.load_dataset(dataset_id, subset, split=split, revision=revision, cache_dir=cache_dir)
+        ds = datasets.load_dataset(dataset_id, subset, split=split, revision=src.revision, cache_dir=cache_dir)
         rows = [dict(r) for r in ds]
     except Exception as exc:
         raise _remote_error(source, subset, split, exc) from exc

@@ -22,11 +22,12 @@ def evaluate_model(
     import torch
     from transformers import DataCollatorForSeq2Seq
 
+    from sft_core.chat import IGNORE_INDEX
     from sft_core.loss import compute_sft_loss
 
     if len(dataset) == 0:
         raise ValueError("the validation split is empty: nothing to evaluate")
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     columns = ["input_ids", "attention_mask", "labels"]
     order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"]) if "length" in dataset.column_names else list(range(len(dataset)))
     device = next(model.parameters()).device

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sft_core.chat import ENDOFTEXT, IM_END, THINK_CLOSE, THINK_OPEN, render_prompt, stop_token_ids
 from sft_core.errors import ConfigError, ModelSourceError
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+END_MARKERS = (IM_END, ENDOFTEXT)
 ROUGE_MAX_CHARS = 4000
 _TAG = re.compile(r"</?think>")
 _WS = re.compile(r"\s+")
@@ -110,18 +110,6 @@ class Generation:
         return asdict(self)
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """`model.generation_config.eos_token_id` (int or list), then the chat end tokens the tokenizer knows.
-
-    The chat end tokens are `sft_core.modeling.stop_token_ids`: `<|im_end|>`, `<|endoftext|>`.
-    """
-    from sft_core.modeling import stop_token_ids as chat_end_tokens
-
-    eos = model.generation_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return ids + [t for t in chat_end_tokens(tokenizer) if t not in ids]
-
-
 @contextlib.contextmanager
 def _skinny_lm_head(model: Any) -> Iterator[None]:
     """On CPU, compute the output projection as ``(W @ hᵀ)ᵀ`` while generating.
@@ -190,21 +178,14 @@ def generate_answers(
         )
     if not questions:
         return []
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(tokenizer, model.generation_config)
     if not stops:
         raise ModelSourceError(
             "the model has no stop token: set eos_token_id in its generation_config.json "
             "(the fine-tune ends on <|im_end|>) or use a tokenizer that has <|im_end|>"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "system", "content": system_prompt}, {"role": "user", "content": q}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for q in questions
-    ]
+    prompts = [render_prompt(tokenizer, q, system_prompt) for q in questions]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     device = next(model.parameters()).device
     gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sft_core.chat import IGNORE_INDEX
 from sft_core.errors import ConfigError
 
-IGNORE_INDEX = -100
 # devices whose fp32 logits are computed as W @ hᵀ into a [vocab, chunk] buffer (see _ChunkedLinearCrossEntropy)
 VOCAB_MAJOR_DEVICES = ("cpu",)
 _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")

@@ -1,7 +1,8 @@
 """Resolve, download and load the base model; make it stop where the fine-tune ends.
 
-Sources: ``modelscope://Qwen/Qwen2.5-1.5B`` (real ``snapshot_download``), ``hf://owner/name``,
-a local folder, or ``tiny://`` (a random-weight Qwen2 built here, for CPU demos and tests).
+Sources (`sft_core.sources`): ``modelscope://Qwen/Qwen2.5-1.5B`` (real ``snapshot_download``),
+``hf://owner/name``, a local folder, or ``tiny://`` (a random-weight Qwen2 built here, for CPU
+demos and tests).
 Weights load as safetensors only and ``trust_remote_code`` stays off unless configured.
 """
 
@@ -10,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import ModelConfig, stable_hash
+from sft_core.chat import ENDOFTEXT, IM_END, stop_token_ids, token_id
+from sft_core.config import ModelConfig
 from sft_core.errors import ModelSourceError
-
-IM_END = "<|im_end|>"
-ENDOFTEXT = "<|endoftext|>"
+from sft_core.sources import parse_model_source
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -38,41 +38,29 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def model_cache_key(cfg: ModelConfig) -> str:
-    return stable_hash({"source": cfg.source, "revision": cfg.revision, "tiny": cfg.tiny.model_dump()})
+def fetch_base_model(cfg: ModelConfig, folder: Path, workdir: Path) -> Path:
+    """A local folder holding config + safetensors + tokenizer for `cfg.source`.
 
-
-def model_is_local(cfg: ModelConfig, workdir: str | Path) -> bool:
-    """True when `resolve_model_dir` will not build or download anything."""
-    if cfg.source.startswith("tiny://"):
-        return (Path(workdir) / "models" / f"tiny-{model_cache_key(cfg)}" / "config.json").exists()
-    if cfg.source.startswith(("modelscope://", "hf://")):
-        return False
-    return True
-
-
-def resolve_model_dir(cfg: ModelConfig, workdir: str | Path) -> Path:
-    """Return a local folder holding config + safetensors + tokenizer for `cfg.source`."""
-    source = cfg.source
-    cache_dir = cfg.cache_dir or str(Path(workdir) / "models" / "cache")
-    if source.startswith("tiny://"):
+    `tiny://` is built into `folder`; hub sources download into the shared cache
+    (`model.cache_dir`, default `<workdir>/models/cache`: resumable, shared by every run);
+    a local folder is used where it is.
+    """
+    src = parse_model_source(cfg.source, revision=cfg.revision)
+    if src.kind == "tiny":
         from sft_core.tiny_model import build_tiny_model
 
-        out = Path(workdir) / "models" / f"tiny-{model_cache_key(cfg)}"
-        if not (out / "config.json").exists():
-            build_tiny_model(out, cfg.tiny)
-        return out
-    if source.startswith("modelscope://"):
-        return _download_modelscope(source.removeprefix("modelscope://"), cfg.revision, cache_dir)
-    if source.startswith("hf://"):
-        return _download_hf(source.removeprefix("hf://"), cfg.revision, cache_dir)
-    path = Path(source.removeprefix("file://")).expanduser()
-    if not (path / "config.json").exists():
+        return build_tiny_model(folder, cfg.tiny)
+    cache_dir = cfg.cache_dir or str(workdir / "models" / "cache")
+    if src.kind == "modelscope":
+        return _download_modelscope(src.repo_id, src.revision, cache_dir)
+    if src.kind == "hf":
+        return _download_hf(src.repo_id, src.revision, cache_dir)
+    if not (src.path / "config.json").exists():
         raise ModelSourceError(
-            f"model.source '{source}': no model folder there (expected config.json); "
+            f"model.source '{cfg.source}': no model folder there (expected config.json); "
             "use a local folder, modelscope://owner/name, hf://owner/name or tiny://"
         )
-    return path
+    return src.path
 
 
 def _download_modelscope(model_id: str, revision: str | None, cache_dir: str) -> Path:
@@ -141,18 +129,6 @@ def load_model(
     return model.to(device)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """`<|im_end|>` (what the fine-tune ends on) then `<|endoftext|>` (what the base ends on)."""
-    ids = []
-    for token in (IM_END, ENDOFTEXT):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
-            ids.append(tid)
-    if not ids and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def prepare_for_sft(model: Any, tokenizer: Any) -> None:
     """Pad with a token that is not the trained end token; stop generation on `<|im_end|>`.
 
@@ -162,9 +138,9 @@ def prepare_for_sft(model: Any, tokenizer: Any) -> None:
     stops = stop_token_ids(tokenizer)
     im_end = stops[0]
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == im_end:
-        pad = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-        tokenizer.pad_token = ENDOFTEXT if isinstance(pad, int) and pad >= 0 and pad != im_end else tokenizer.unk_token
-    if tokenizer.convert_tokens_to_ids(IM_END) == im_end:
+        pad = token_id(tokenizer, ENDOFTEXT)
+        tokenizer.pad_token = ENDOFTEXT if pad is not None and pad != im_end else tokenizer.unk_token
+    if token_id(tokenizer, IM_END) == im_end:
         tokenizer.eos_token = IM_END
     model.config.pad_token_id = tokenizer.pad_token_id
     gen = model.generation_config

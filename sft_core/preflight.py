@@ -7,9 +7,6 @@ from pathlib import Path
 from sft_core.config import PipelineConfig
 from sft_core.errors import ConfigError
 
-REMOTE_PREFIXES = ("modelscope://", "hf://", "http://", "https://", "s3://")
-
-
 def inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -32,27 +29,40 @@ def check_output_paths(cfg: PipelineConfig) -> None:
 
 
 def check_sources(cfg: PipelineConfig) -> None:
-    """Local data files and model folders must exist."""
-    src = cfg.data.source
-    if src not in ("sample", "bundled://sample") and not src.startswith(REMOTE_PREFIXES):
-        if not Path(src.removeprefix("file://")).expanduser().is_file():
-            raise ConfigError(f"data.source='{src}': no such file")
-    m = cfg.model.source
-    if not m.startswith((*REMOTE_PREFIXES, "tiny://")):
-        folder = Path(m.removeprefix("file://")).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"model.source='{m}': no model folder there (expected {folder / 'config.json'})")
+    """Source URIs parse (hub ids are owner/name), local data files and model folders exist."""
+    from sft_core.sources import parse_data_source, parse_model_source
+
+    data = parse_data_source(cfg.data.source, revision=cfg.data.revision)
+    if data.kind == "local" and not data.path.is_file():
+        raise ConfigError(f"data.source='{cfg.data.source}': no such file")
+    model = parse_model_source(cfg.model.source, revision=cfg.model.revision)
+    if model.kind == "local" and not (model.path / "config.json").is_file():
+        raise ConfigError(f"model.source='{cfg.model.source}': no model folder there "
+                          f"(expected {model.path / 'config.json'})")
 
 
 def check_prompt_fits(cfg: PipelineConfig, tokenizer) -> int:
     """data.max_length must leave room after the system prompt and chat markup."""
-    from sft_core.tokenize import render_prompt
+    from sft_core.chat import render_prompt
 
     prompt_tokens = len(tokenizer(render_prompt(tokenizer, "", cfg.data.system_prompt), add_special_tokens=False)["input_ids"])
     if cfg.data.max_length <= prompt_tokens + 8:
         raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for an answer: the system prompt "
                           f"and chat markup alone take {prompt_tokens} tokens")
     return prompt_tokens
+
+
+def local_model_dir(cfg: PipelineConfig) -> Path | None:
+    """The base model's folder when it needs no build or download (a local folder, or a finished base-model stage)."""
+    from sft_core.sources import parse_model_source
+    from sft_core.stages import STAGES, read_done
+
+    src = parse_model_source(cfg.model.source, revision=cfg.model.revision)
+    if src.kind == "local":
+        return src.path
+    stage = STAGES["base-model"]
+    done = read_done(stage.folder_of(cfg, stage.key_of(cfg)), stage.result)
+    return Path(done.model_dir) if done is not None else None
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -63,7 +73,8 @@ def preflight(cfg: PipelineConfig) -> None:
         from sft_core.harness import require_lm_eval
 
         require_lm_eval()
-    from sft_core.modeling import load_tokenizer, model_is_local, resolve_model_dir
+    from sft_core.modeling import load_tokenizer
 
-    if model_is_local(cfg.model, cfg.workdir_path):  # downloads and builds wait for the base-model task
-        check_prompt_fits(cfg, load_tokenizer(resolve_model_dir(cfg.model, cfg.workdir_path)))
+    model_dir = local_model_dir(cfg)
+    if model_dir is not None:  # a download or a build waits for the base-model stage, which checks again
+        check_prompt_fits(cfg, load_tokenizer(model_dir))

@@ -1,16 +1,31 @@
-"""The pipeline's stages as plain functions: input paths in, one output folder, a small dict out.
+"""The pipeline's stages, each declared once: its name, what its key hashes, its code, its body.
 
-Each stage writes into its own folder and finishes by writing ``_DONE.json`` (its result)
-atomically; a folder with that marker is complete and is reused as is. Prefect tasks in
-`tasks/` wrap these with cache keys and tracking; `qwen-sft prepare` calls them directly.
+A stage writes into ``<workdir>/<folder>/<key>/`` and finishes by writing ``_DONE.json`` (its
+typed result) atomically. ``_DONE.json`` is the one record of "done": a folder that has it is
+complete and reused as is; a folder without it is a crash's leftover and is wiped first
+(except train's, whose checkpoints resume). The key hashes the stage's inputs (digests or the
+keys of the stages it reads), the config section it reads, and its code version: a hash of
+the source of its body, its key function, its result type and the library modules its body
+runs, normalised so that comments, docstrings and formatting do not count.
+
+``STAGES`` holds every declaration. ``Stage.run`` runs one without orchestration (the
+``prepare`` command, tests); ``tasks.stage`` runs the same declaration as a Prefect task.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import inspect
 import json
 import os
 import shutil
+import textwrap
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,50 +33,194 @@ from sft_core.config import PipelineConfig, stable_hash
 
 DONE = "_DONE.json"
 
-# Bump a stage's version when its code changes what it writes: old cache entries stop matching.
-STAGE_VERSIONS = {
-    "model": 1,
-    "ingest": 1,
-    "validate": 1,
-    "split": 1,
-    "tokenize": 1,
-    "train": 1,
-    "evaluate": 1,
-    "generate": 1,
-    "harness": 1,
-}
+
+# --- typed results: what a stage hands to the next, and what its _DONE.json holds ---------------------------
+
+@dataclass(kw_only=True)
+class Result:
+    """What every stage result has: its key (None: not cached), its folder, how long its body took."""
+
+    key: str | None
+    folder: str
+    seconds: float = 0.0
+    reused: bool = field(default=False, compare=False)  # found done (not stored)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("reused")
+        return data
+
+    def own_fields(self) -> dict[str, Any]:
+        """The fields of this kind of result (what a stage body returns): without key, folder and timing."""
+        data = self.to_json()
+        for name in ("key", "folder", "seconds"):
+            data.pop(name)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        """The result stored in `data`; ValueError when it lacks a field (written by older code)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if not required <= set(data):
+            raise ValueError(f"{cls.__name__} record lacks {sorted(required - set(data))}")
+        return cls(**{k: v for k, v in data.items() if k in names and k != "reused"})
 
 
-def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    """hash(input digests + the config section the stage reads + the stage code version)."""
-    return stable_hash({"stage": stage, "version": STAGE_VERSIONS[stage], "inputs": inputs}, length=16)
+@dataclass(kw_only=True)
+class Ingested(Result):
+    raw: str
+    row_numbers: str
+    digest: str  # sha256 of the canonical rows
+    rows: int
+    source: str
+    location: str
+    extra_columns: list[str] = field(default_factory=list)
 
 
-def stage_dir(cfg: PipelineConfig, stage: str, key: str) -> Path:
-    return cfg.workdir_path / stage / key
+@dataclass(kw_only=True)
+class Validated(Result):
+    valid: str
+    digest: str
+    good_rows: int
+    bad_rows: int
+    report: str | None = None
+    docs: str | None = None
+    quarantine: str | None = None
 
 
-def read_done(folder: Path) -> dict | None:
+@dataclass(kw_only=True)
+class Split(Result):
+    train: str
+    val: str
+    train_rows: int
+    val_rows: int
+    train_digest: str
+    val_digest: str
+
+
+@dataclass(kw_only=True)
+class BaseModel(Result):
+    model_dir: str
+
+
+@dataclass(kw_only=True)
+class Tokenized(Result):
+    train_ds: str
+    val_ds: str
+    stats: dict[str, Any]
+
+    @property
+    def val_response_lengths(self) -> dict[str, int]:
+        return self.stats["val"].get("response_length_percentiles", {})
+
+
+@dataclass(kw_only=True)
+class Trained(Result):
+    output_dir: str
+    final_model_dir: str
+    global_step: int
+    epochs: float
+    train_loss: float | None
+    best_checkpoint: str | None  # the checkpoint the final model is, when one was selected
+    selected_by: str | None  # the metric that chose it (eval_gen_score, eval_loss); None: the last step
+    best_value: float | None
+    resumed_from: str | None
+    metrics_file: str
+
+    @property
+    def model_dir(self) -> str:
+        return self.final_model_dir
+
+
+@dataclass(kw_only=True)
+class Evaluated(Result):
+    metrics: dict[str, float]
+
+
+@dataclass(kw_only=True)
+class Generated(Result):
+    predictions: str
+    metrics: dict[str, float]
+
+
+@dataclass(kw_only=True)
+class Harnessed(Result):
+    metrics: dict[str, float]
+    samples: str
+    results: str
+
+
+# --- the declaration -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: `key(cfg, **inputs)` says what its folder key hashes (None: never cached),
+    `body(cfg, folder, **inputs, **extras)` does the work and returns the result's fields."""
+
+    name: str
+    folder: str
+    result: type[Result]
+    key: Callable[..., dict[str, Any] | None]
+    body: Callable[..., dict[str, Any]]
+    modules: tuple[str, ...] = ()  # the library modules its body runs: part of its code version
+    keep_partial: bool = False  # a crashed run's files are kept (train: checkpoints to resume from)
+    retries: int = 0  # for stages that reach the network; nothing else can heal by retrying
+
+    def code_version(self) -> str:
+        """A hash of the normalised source of the body, key function, result type and modules."""
+        parts = [_normalised(inspect.getsource(obj)) for obj in (self.body, self.key, self.result)]
+        parts += [_module_source(name) for name in self.modules]
+        return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
+
+    def key_of(self, cfg: PipelineConfig, **inputs: Any) -> str | None:
+        spec = self.key(cfg, **inputs)
+        if spec is None:
+            return None
+        return stable_hash({"stage": self.name, "code": self.code_version(), "inputs": spec}, length=16)
+
+    def folder_of(self, cfg: PipelineConfig, key: str | None) -> Path:
+        return cfg.workdir_path / self.folder / (key or "latest")
+
+    def run(self, cfg: PipelineConfig, *, refresh: bool = False, extras: dict[str, Any] | None = None,
+            **inputs: Any) -> Result:
+        """Run the body unless its folder holds a finished result (always, when the key is None)."""
+        key = self.key_of(cfg, **inputs)
+        return self.run_into(cfg, self.folder_of(cfg, key), key=key, refresh=refresh or key is None, extras=extras,
+                             **inputs)
+
+    def run_into(self, cfg: PipelineConfig, folder: Path, *, key: str | None = None, refresh: bool = False,
+                 extras: dict[str, Any] | None = None, **inputs: Any) -> Result:
+        """Run the body into `folder` (a command's own output folder, or the keyed one), same rules."""
+        return run_in_folder(
+            folder, lambda f: self.result(key=key, folder=str(f), **self.body(cfg, f, **inputs, **(extras or {}))),
+            self.result, refresh=refresh, keep_partial=self.keep_partial,
+        )
+
+
+def read_done(folder: Path, result: type[Result]) -> Result | None:
+    """The finished result in `folder`, or None (not done, unreadable, or written by older code)."""
     marker = folder / DONE
-    if marker.exists():
-        return json.loads(marker.read_text(encoding="utf-8"))
-    return None
+    try:
+        return result.from_json(json.loads(marker.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
-def write_done(folder: Path, result: dict) -> dict:
+def write_done(folder: Path, result: Result) -> Result:
     tmp = folder / (DONE + ".tmp")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=2), encoding="utf-8")
     os.replace(tmp, folder / DONE)
     return result
 
 
-def run_stage(folder: Path, body: Callable[[Path], dict], *, refresh: bool = False, keep_partial: bool = False) -> dict:
-    """Run `body(folder)` unless the folder already holds a finished result.
+def run_in_folder(folder: Path, body: Callable[[Path], Result], result: type[Result], *, refresh: bool = False,
+                  keep_partial: bool = False) -> Result:
+    """`body(folder)` unless the folder already holds a finished result; the result is recorded in _DONE.json.
 
-    A file lock beside the folder makes concurrent runs of the same stage wait for each
-    other: the second finds the first's result instead of redoing (or clobbering) it.
-    A half-written folder from a crash is wiped first, unless `keep_partial` (train keeps
-    its checkpoints to resume from them).
+    A file lock beside the folder makes concurrent runs of the same stage wait for each other: the
+    second finds the first's result instead of redoing (or clobbering) it.
     """
     from filelock import FileLock
 
@@ -69,210 +228,57 @@ def run_stage(folder: Path, body: Callable[[Path], dict], *, refresh: bool = Fal
     with FileLock(str(folder) + ".lock"):
         if refresh and folder.exists():
             shutil.rmtree(folder)
-        done = read_done(folder)
+        done = read_done(folder, result)
         if done is not None:
-            return {**done, "reused": True}
+            done.reused = True
+            return done
         if folder.exists() and not keep_partial:
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        result = body(folder)
-        result["seconds"] = round(time.perf_counter() - started, 3)
-        result["folder"] = str(folder)
-        write_done(folder, result)
-        return {**result, "reused": False}
+        out = body(folder)
+        out.seconds = round(time.perf_counter() - started, 3)
+        return write_done(folder, out)
 
 
-# --- data stages -------------------------------------------------------------------------
+# --- code versions: source, normalised ---------------------------------------------------------------------
 
-def ingest(cfg: PipelineConfig, folder: Path) -> dict:
-    from sft_core.data import dataset_digest, load_rows, write_jsonl
-
-    d = cfg.data
-    loaded = load_rows(d.source, subset=d.subset, split=d.split, revision=d.revision, cache_dir=d.cache_dir)
-    write_jsonl(loaded.rows, folder / "raw.jsonl")
-    (folder / "row_numbers.json").write_text(json.dumps(loaded.row_numbers), encoding="utf-8")
-    return {
-        "raw": str(folder / "raw.jsonl"),
-        "digest": dataset_digest(loaded.rows),
-        "rows": len(loaded.rows),
-        "source": d.source,
-        "location": loaded.location,
-        "extra_columns": loaded.extra_columns,
-    }
+def _normalised(source: str) -> str:
+    """Source without comments, docstrings or formatting: what the code does, not how it reads."""
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
 
 
-def validate(cfg: PipelineConfig, raw: dict, folder: Path) -> dict:
-    from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.validation import validate_rows
-
-    rows = read_jsonl(raw["raw"])
-    row_numbers = json.loads((Path(raw["raw"]).parent / "row_numbers.json").read_text(encoding="utf-8"))
-    result = validate_rows(
-        rows,
-        source_name=raw["location"],
-        suite=cfg.data.suite,
-        policy=cfg.data.validation_policy,
-        out_dir=folder,
-        min_rows=cfg.data.min_rows,
-        max_field_chars=cfg.data.max_field_chars,
-        row_numbers=row_numbers,
-    )
-    write_jsonl(result.good_rows, folder / "valid.jsonl")
-    return {
-        "valid": str(folder / "valid.jsonl"),
-        "digest": dataset_digest(result.good_rows),
-        "good_rows": len(result.good_rows),
-        "bad_rows": len(result.bad_rows),
-        "report": str(result.report_path) if result.report_path else None,
-        "docs": str(result.docs_path) if result.docs_path else None,
-        "quarantine": str(result.quarantine_path) if result.quarantine_path else None,
-        "success": bool(result.success),
-    }
+def _module_source(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"stage module {name} not found")
+    path = Path(spec.origin)
+    stat = path.stat()
+    return _normalised_file(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def split(cfg: PipelineConfig, valid: dict, folder: Path) -> dict:
-    from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.split import split_rows
-
-    rows = read_jsonl(valid["valid"])
-    train, val = split_rows(rows, method=cfg.data.split_method, train_fraction=cfg.data.train_fraction, seed=cfg.data.split_seed)
-    write_jsonl(train, folder / "train.jsonl")
-    write_jsonl(val, folder / "val.jsonl")
-    return {
-        "train": str(folder / "train.jsonl"),
-        "val": str(folder / "val.jsonl"),
-        "train_rows": len(train),
-        "val_rows": len(val),
-        "train_digest": dataset_digest(train),
-        "val_digest": dataset_digest(val),
-    }
+@functools.lru_cache(maxsize=64)
+def _normalised_file(path: str, mtime_ns: int, size: int) -> str:  # keyed by mtime and size: an edit re-reads
+    return _normalised(Path(path).read_text(encoding="utf-8"))
 
 
-def tokenize(cfg: PipelineConfig, splits: dict, model_dir: str, folder: Path) -> dict:
-    from sft_core.data import read_jsonl
-    from sft_core.modeling import load_tokenizer
-    from sft_core.tokenize import tokenize_rows
-
-    from sft_core.preflight import check_prompt_fits
-
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    check_prompt_fits(cfg, tokenizer)  # a downloaded model's tokenizer is first seen here
-    d = cfg.data
-    stats = {}
-    for name in ("train", "val"):
-        ds, st = tokenize_rows(read_jsonl(splits[name]), tokenizer, system_prompt=d.system_prompt,
-                               max_length=d.max_length, truncation=d.truncation, desc=f"tokenize {name}")
-        ds.save_to_disk(str(folder / name))
-        stats[name] = st.to_dict()
-    (folder / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    return {"train_ds": str(folder / "train"), "val_ds": str(folder / "val"), "stats": stats}
-
-
-# --- model stages ------------------------------------------------------------------------
-
-def generation_budget(cfg: PipelineConfig, tokens: dict):
-    """`eval.max_new_tokens` resolved against the validation responses (a `GenerationBudget`)."""
-    from sft_core.generate import resolve_max_new_tokens
-
-    return resolve_max_new_tokens(cfg.eval.max_new_tokens, tokens["stats"]["val"].get("response_length_percentiles", {}),
-                                  cfg.data.max_length)
-
-
-def generation_check(cfg: PipelineConfig, splits: dict, max_new_tokens: int):
-    """The validation questions that checkpoint selection generates on (None: selection by loss or none)."""
-    from sft_core.data import read_jsonl
-    from sft_core.train import GenerationCheck
-
-    if cfg.train.metric_for_best_model != "gen_score" or cfg.eval.num_generate == 0:
-        return None
-    rows = read_jsonl(splits["val"])[: cfg.eval.num_generate]
-    if not rows:
-        return None
-    return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
-                           system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
-                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty)
-
-
-def train(cfg: PipelineConfig, tokens: dict, splits: dict, model_dir: str, folder: Path, max_new_tokens: int,
-          sink=None) -> dict:
-    from sft_core.train import run_training
-
-    result = run_training(cfg, model_dir=model_dir, train_data=tokens["train_ds"], eval_data=tokens["val_ds"],
-                          output_dir=folder, sink=sink, generation_check=generation_check(cfg, splits, max_new_tokens))
-    return result.to_dict()
-
-
-def evaluate(cfg: PipelineConfig, model_dir: str, tokens: dict, folder: Path) -> dict:
-    """Loss, perplexity and token accuracy of the model in `model_dir` (fine-tuned or base) on the validation split."""
-    import datasets
-
-    from sft_core.evaluate import evaluate_model
-    from sft_core.modeling import load_model, load_tokenizer, resolve_device
-
-    device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
-    metrics = evaluate_model(model, tokenizer, datasets.load_from_disk(tokens["val_ds"]), batch_size=cfg.eval.batch_size)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return {"metrics": metrics}
-
-
-def generate(cfg: PipelineConfig, model_dir: str, splits: dict, folder: Path, max_new_tokens: int, *,
-             base: bool = False) -> dict:
-    """Greedy answers to the first `eval.num_generate` validation questions, parsed and scored."""
-    from dataclasses import asdict
-
-    from sft_core.data import read_jsonl
-    from sft_core.generate import generate_answers, generation_metrics
-    from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device
-
-    e = cfg.eval
-    rows = read_jsonl(splits["val"])[: e.num_generate]
-    device = resolve_device(cfg.train.device)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
-    if base:  # the untouched base model: make it stop on <|im_end|> too, for a fair comparison
-        prepare_for_sft(model, tokenizer)
-    gens = generate_answers(
-        model, tokenizer, [r["question"] for r in rows], system_prompt=cfg.data.system_prompt,
-        max_new_tokens=max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
-        temperature=e.temperature, top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=cfg.train.seed,
-        references=[r["answer"] for r in rows],
-    )
-    records = [asdict(g) for g in gens]
-    path = folder / "predictions.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return {"predictions": str(path), "metrics": generation_metrics(gens)}
-
-
-def harness(cfg: PipelineConfig, model_dir: str, splits: dict, folder: Path, max_new_tokens: int) -> dict:
-    """lm-evaluation-harness on the same validation questions as `generate` (`eval.harness`)."""
-    from sft_core.data import read_jsonl
-    from sft_core.harness import run_harness
-    from sft_core.modeling import resolve_device, resolve_dtype
-
-    device = resolve_device(cfg.train.device)
-    dtype = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
-    rows = read_jsonl(splits["val"])[: cfg.eval.num_generate]
-    return run_harness(model_dir, rows, folder, system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
-                       batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
-                       device=device, dtype=dtype)
-
-
-# --- cache keys: what each stage reads ---------------------------------------------------
+# --- bodies and keys ------------------------------------------------------------------------------------------
 
 def _source_fingerprint(cfg: PipelineConfig) -> str | None:
-    """Content hash of a local source file; None for remote sources (always re-ingested)."""
-    import hashlib
-
+    """Content hash of a local data file (or the bundled sample); None for a hub dataset."""
     from sft_core.data import BUNDLED_SAMPLE
+    from sft_core.sources import parse_data_source
 
-    src = cfg.data.source
-    path = BUNDLED_SAMPLE if src in ("sample", "bundled://sample") else Path(src.removeprefix("file://")).expanduser()
-    if "://" in src and not src.startswith(("file://", "bundled://")):
-        return None
-    if not path.is_file():
+    src = parse_data_source(cfg.data.source, revision=cfg.data.revision)
+    path = BUNDLED_SAMPLE if src.kind == "bundled" else src.path
+    if path is None or not path.is_file():
         return None
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -281,86 +287,260 @@ def _source_fingerprint(cfg: PipelineConfig) -> str | None:
     return h.hexdigest()
 
 
-def ingest_key(cfg: PipelineConfig) -> str | None:
-    """None means 'do not cache': a remote dataset is fetched again and judged by its digest."""
-    fp = _source_fingerprint(cfg)
-    if fp is None:
+def ingest_key(cfg: PipelineConfig) -> dict | None:
+    """A local file is keyed by its content; a hub dataset is fetched again and judged by its digest (None)."""
+    fingerprint = _source_fingerprint(cfg)
+    if fingerprint is None:
         return None
+    return {"file": fingerprint, **cfg.data.model_dump(include={"subset", "split"})}
+
+
+def ingest_body(cfg: PipelineConfig, folder: Path) -> dict:
+    from sft_core.data import dataset_digest, load_rows, write_jsonl
+
     d = cfg.data
-    return stage_key("ingest", {"file": fp, "subset": d.subset, "split": d.split})
+    loaded = load_rows(d.source, subset=d.subset, split=d.split, revision=d.revision, cache_dir=d.cache_dir)
+    write_jsonl(loaded.rows, folder / "raw.jsonl")
+    (folder / "row_numbers.json").write_text(json.dumps(loaded.row_numbers), encoding="utf-8")
+    return {"raw": str(folder / "raw.jsonl"), "row_numbers": str(folder / "row_numbers.json"),
+            "digest": dataset_digest(loaded.rows), "rows": len(loaded.rows), "source": d.source,
+            "location": loaded.location, "extra_columns": loaded.extra_columns}
 
 
-def validate_key(cfg: PipelineConfig, raw: dict) -> str:
+def validate_key(cfg: PipelineConfig, raw: Ingested) -> dict:
+    return {"digest": raw.digest, **cfg.data.model_dump(include={"suite", "validation_policy", "min_rows",
+                                                                 "max_field_chars"})}
+
+
+def validate_body(cfg: PipelineConfig, folder: Path, raw: Ingested) -> dict:
+    from sft_core.data import dataset_digest, read_jsonl, write_jsonl
+    from sft_core.validation import validate_rows
+
     d = cfg.data
-    return stage_key("validate", {"digest": raw["digest"], "suite": d.suite, "policy": d.validation_policy,
-                                  "min_rows": d.min_rows, "max_field_chars": d.max_field_chars})
+    result = validate_rows(
+        read_jsonl(raw.raw), source_name=raw.location, suite=d.suite, policy=d.validation_policy, out_dir=folder,
+        min_rows=d.min_rows, max_field_chars=d.max_field_chars,
+        row_numbers=json.loads(Path(raw.row_numbers).read_text(encoding="utf-8")),
+    )
+    write_jsonl(result.good_rows, folder / "valid.jsonl")
+    return {"valid": str(folder / "valid.jsonl"), "digest": dataset_digest(result.good_rows),
+            "good_rows": len(result.good_rows), "bad_rows": len(result.bad_rows),
+            "report": str(result.report_path) if result.report_path else None,
+            "docs": str(result.docs_path) if result.docs_path else None,
+            "quarantine": str(result.quarantine_path) if result.quarantine_path else None}
 
 
-def split_key(cfg: PipelineConfig, valid: dict) -> str:
+def split_key(cfg: PipelineConfig, valid: Validated) -> dict:
+    return {"digest": valid.digest, **cfg.data.model_dump(include={"split_method", "train_fraction", "split_seed"})}
+
+
+def split_body(cfg: PipelineConfig, folder: Path, valid: Validated) -> dict:
+    from sft_core.data import dataset_digest, read_jsonl, write_jsonl
+    from sft_core.split import split_rows
+
     d = cfg.data
-    return stage_key("split", {"digest": valid["digest"], "method": d.split_method, "fraction": d.train_fraction,
-                               "seed": d.split_seed})
+    train, val = split_rows(read_jsonl(valid.valid), method=d.split_method, train_fraction=d.train_fraction,
+                            seed=d.split_seed)
+    write_jsonl(train, folder / "train.jsonl")
+    write_jsonl(val, folder / "val.jsonl")
+    return {"train": str(folder / "train.jsonl"), "val": str(folder / "val.jsonl"), "train_rows": len(train),
+            "val_rows": len(val), "train_digest": dataset_digest(train), "val_digest": dataset_digest(val)}
 
 
-def model_key(cfg: PipelineConfig) -> str:
+def base_model_key(cfg: PipelineConfig) -> dict:
+    """A hub model by source and revision (fetched once per workdir: pin a commit, or --refresh, to update);
+    a local folder by its files' names, sizes and times; a tiny model by its shape."""
+    from sft_core.sources import parse_model_source
+
+    from sft_core.tiny_model import tokenizer_origin
+
     m = cfg.model
-    return stage_key("model", {"source": m.source, "revision": m.revision, "tiny": m.tiny.model_dump()})
+    src = parse_model_source(m.source, revision=m.revision)
+    spec: dict[str, Any] = {"source": src.uri()}
+    if src.kind == "tiny":  # its shape, and what its tokenizer is built from
+        spec["tiny"] = m.tiny.model_dump()
+        spec["tokenizer"] = tokenizer_origin(m.tiny)
+    elif src.kind == "local" and src.path.is_dir():
+        spec["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.path.iterdir()
+                               if p.is_file())
+    return spec
 
 
-def tokenize_key(cfg: PipelineConfig, splits: dict) -> str:
+def base_model_body(cfg: PipelineConfig, folder: Path) -> dict:
+    from sft_core.modeling import fetch_base_model
+
+    return {"model_dir": str(fetch_base_model(cfg.model, folder, cfg.workdir_path))}
+
+
+def tokenize_key(cfg: PipelineConfig, splits: Split, model: BaseModel) -> dict:
+    return {"train": splits.train_digest, "val": splits.val_digest, "model": model.key,
+            **cfg.data.model_dump(include={"system_prompt", "max_length", "truncation"})}
+
+
+def tokenize_body(cfg: PipelineConfig, folder: Path, splits: Split, model: BaseModel) -> dict:
+    from sft_core.data import read_jsonl
+    from sft_core.modeling import load_tokenizer
+    from sft_core.preflight import check_prompt_fits
+    from sft_core.tokenize import tokenize_rows
+
+    tokenizer = load_tokenizer(model.model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    check_prompt_fits(cfg, tokenizer)  # a downloaded model's tokenizer is first seen here
     d = cfg.data
-    return stage_key("tokenize", {"train": splits["train_digest"], "val": splits["val_digest"], "model": model_key(cfg),
-                                  "system_prompt": d.system_prompt, "max_length": d.max_length, "truncation": d.truncation})
+    stats = {}
+    for name, path in (("train", splits.train), ("val", splits.val)):
+        ds, st = tokenize_rows(read_jsonl(path), tokenizer, system_prompt=d.system_prompt, max_length=d.max_length,
+                               truncation=d.truncation, desc=f"tokenize {name}")
+        ds.save_to_disk(str(folder / name))
+        stats[name] = st.to_dict()
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    return {"train_ds": str(folder / "train"), "val_ds": str(folder / "val"), "stats": stats}
 
 
-def train_key(cfg: PipelineConfig, tok_key: str, max_new_tokens: int) -> str:
+def train_key(cfg: PipelineConfig, tokens: Tokenized, splits: Split, model: BaseModel, max_new_tokens: int) -> dict:
     tc = cfg.train.model_dump(exclude={"device", "dataloader_num_workers", "num_processes", "accelerate_config"})
-    m = cfg.model.model_dump(include={"dtype", "attn_implementation"})
-    # the repetition penalty is saved in the model's generation_config
-    inputs = {"tokens": tok_key, "model": model_key(cfg), "train": tc, "load": m,
-              "repetition_penalty": cfg.eval.repetition_penalty}
+    spec = {"tokens": tokens.key, "model": model.key, "train": tc,
+            "load": cfg.model.model_dump(include={"dtype", "attn_implementation"}),
+            "repetition_penalty": cfg.eval.repetition_penalty}  # saved in the model's generation_config
     if cfg.train.metric_for_best_model == "gen_score":  # what selects the checkpoint
-        inputs["check"] = {"max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt,
-                           **cfg.eval.model_dump(include={"num_generate", "generate_batch_size"})}
-    return stage_key("train", inputs)
+        spec["check"] = {"val": splits.val_digest, "max_new_tokens": max_new_tokens,
+                         "system_prompt": cfg.data.system_prompt,
+                         **cfg.eval.model_dump(include={"num_generate", "generate_batch_size"})}
+    return spec
 
 
-def evaluate_key(cfg: PipelineConfig, trn_key: str | None, tok_key: str) -> str:
-    """`trn_key` None: the base model."""
-    model = trn_key or "base:" + model_key(cfg)
-    return stage_key("evaluate", {"train": model, "tokens": tok_key, "batch_size": cfg.eval.batch_size})
+def train_body(cfg: PipelineConfig, folder: Path, tokens: Tokenized, splits: Split, model: BaseModel,
+               max_new_tokens: int, sink=None, log=None) -> dict:
+    from sft_core.launch import launch_training
+    from sft_core.train import run_training
+
+    if cfg.train.num_processes > 1:  # the ranks build the same generation check from the validation rows
+        return launch_training(cfg, model_dir=model.model_dir, tokens=tokens, val_rows=splits.val,
+                               max_new_tokens=max_new_tokens, output_dir=folder, sink=sink, log=log)
+    check = generation_check(cfg, splits.val, max_new_tokens)
+    return run_training(cfg, model_dir=model.model_dir, train_data=tokens.train_ds, eval_data=tokens.val_ds,
+                        output_dir=folder, sink=sink, generation_check=check).own_fields()
 
 
-def generate_key(cfg: PipelineConfig, trn_key: str | None, splits: dict, max_new_tokens: int) -> str:
-    """`trn_key` None: the base model."""
+def generation_check(cfg: PipelineConfig, val_rows: str, max_new_tokens: int):
+    """The validation questions that checkpoint selection generates on (None: selection by loss or none)."""
+    from sft_core.data import read_jsonl
+    from sft_core.train import GenerationCheck
+
+    if cfg.train.metric_for_best_model != "gen_score" or cfg.eval.num_generate == 0:
+        return None
+    rows = read_jsonl(val_rows)[: cfg.eval.num_generate]
+    if not rows:
+        return None
+    return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
+                           system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
+                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty)
+
+
+def evaluate_key(cfg: PipelineConfig, model: BaseModel | Trained, tokens: Tokenized) -> dict:
+    return {"model": model.key, "tokens": tokens.key, "batch_size": cfg.eval.batch_size}
+
+
+def evaluate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained, tokens: Tokenized) -> dict:
+    """Loss, perplexity and token accuracy of a model (fine-tuned or base) on the whole validation split."""
+    import datasets
+
+    from sft_core.evaluate import evaluate_model
+    from sft_core.modeling import load_model, load_tokenizer, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=device,
+                    attn_implementation=cfg.model.attn_implementation)
+    metrics = evaluate_model(lm, load_tokenizer(model.model_dir), datasets.load_from_disk(tokens.val_ds),
+                             batch_size=cfg.eval.batch_size)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return {"metrics": metrics}
+
+
+def generate_key(cfg: PipelineConfig, model: BaseModel | Trained, splits: Split, max_new_tokens: int) -> dict:
     e = cfg.eval.model_dump(exclude={"batch_size", "compare_base", "harness", "max_new_tokens"})
-    return stage_key("generate", {"train": trn_key or "base:" + model_key(cfg), "val": splits["val_digest"],
-                                  "eval": e, "max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt})
+    return {"model": model.key, "val": splits.val_digest, "eval": e, "max_new_tokens": max_new_tokens,
+            "system_prompt": cfg.data.system_prompt}
 
 
-def harness_key(cfg: PipelineConfig, trn_key: str, splits: dict, max_new_tokens: int) -> str:
+def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained, splits: Split,
+                  max_new_tokens: int) -> dict:
+    """Greedy answers to the first `eval.num_generate` validation questions, parsed and scored."""
+    from sft_core.data import read_jsonl, write_jsonl
+    from sft_core.generate import generate_answers, generation_metrics
+    from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device
+
+    e = cfg.eval
+    rows = read_jsonl(splits.val)[: e.num_generate]
+    tokenizer = load_tokenizer(model.model_dir)
+    lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
+                    attn_implementation=cfg.model.attn_implementation)
+    if isinstance(model, BaseModel):  # the untouched base: make it stop on <|im_end|> too, for a fair comparison
+        prepare_for_sft(lm, tokenizer)
+    gens = generate_answers(
+        lm, tokenizer, [r["question"] for r in rows], system_prompt=cfg.data.system_prompt,
+        max_new_tokens=max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
+        temperature=e.temperature, top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=cfg.train.seed,
+        references=[r["answer"] for r in rows],
+    )
+    path = write_jsonl([g.to_dict() for g in gens], folder / "predictions.jsonl")
+    return {"predictions": str(path), "metrics": generation_metrics(gens)}
+
+
+def harness_key(cfg: PipelineConfig, model: Trained, splits: Split, max_new_tokens: int) -> dict:
     e = cfg.eval.model_dump(include={"num_generate", "generate_batch_size", "repetition_penalty"})
-    return stage_key("harness", {"train": trn_key, "val": splits["val_digest"], "eval": e, "max_new_tokens": max_new_tokens,
-                                 "system_prompt": cfg.data.system_prompt})
+    return {"model": model.key, "val": splits.val_digest, "eval": e, "max_new_tokens": max_new_tokens,
+            "system_prompt": cfg.data.system_prompt}
 
 
-def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[str], None] = print) -> dict:
-    """ingest -> validate -> split -> model -> tokenize, without orchestration (the `prepare` command)."""
-    from sft_core.modeling import resolve_model_dir
+def harness_body(cfg: PipelineConfig, folder: Path, model: Trained, splits: Split, max_new_tokens: int) -> dict:
+    """lm-evaluation-harness on the same validation questions as `generate` (`eval.harness`)."""
+    from sft_core.data import read_jsonl
+    from sft_core.harness import run_harness
+    from sft_core.modeling import resolve_device, resolve_dtype
 
-    out: dict[str, Any] = {}
-    key = ingest_key(cfg)
-    folder = stage_dir(cfg, "ingest", key) if key else cfg.workdir_path / "ingest" / "latest"
-    out["ingest"] = run_stage(folder, lambda f: ingest(cfg, f), refresh=refresh or key is None)
-    log(f"ingest: {out['ingest']['rows']} rows from {out['ingest']['location']}")
-    out["validate"] = run_stage(stage_dir(cfg, "validate", validate_key(cfg, out["ingest"])),
-                                lambda f: validate(cfg, out["ingest"], f), refresh=refresh)
-    log(f"validate: {out['validate']['good_rows']} good, {out['validate']['bad_rows']} quarantined")
-    out["split"] = run_stage(stage_dir(cfg, "split", split_key(cfg, out["validate"])),
-                             lambda f: split(cfg, out["validate"], f), refresh=refresh)
-    log(f"split: {out['split']['train_rows']} train / {out['split']['val_rows']} val")
-    model_dir = str(resolve_model_dir(cfg.model, cfg.workdir_path))
-    out["model"] = {"model_dir": model_dir}
-    out["tokenize"] = run_stage(stage_dir(cfg, "tokenize", tokenize_key(cfg, out["split"])),
-                                lambda f: tokenize(cfg, out["split"], model_dir, f), refresh=refresh)
-    return out
+    device = resolve_device(cfg.train.device)
+    return run_harness(model.model_dir, read_jsonl(splits.val)[: cfg.eval.num_generate], folder,
+                       system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
+                       batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
+                       device=device, dtype=str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."))
+
+
+_EVALUATE = ("sft_core.evaluate", "sft_core.loss", "sft_core.modeling")
+_GENERATE = ("sft_core.generate", "sft_core.chat", "sft_core.modeling")
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("ingest", "ingest", Ingested, ingest_key, ingest_body, ("sft_core.data", "sft_core.sources"), retries=2),
+    Stage("validate", "validate", Validated, validate_key, validate_body, ("sft_core.validation",)),
+    Stage("split", "split", Split, split_key, split_body, ("sft_core.split",)),
+    Stage("base-model", "model", BaseModel, base_model_key, base_model_body,
+          ("sft_core.modeling", "sft_core.tiny_model"), retries=2),
+    Stage("tokenize", "tokenize", Tokenized, tokenize_key, tokenize_body, ("sft_core.tokenize", "sft_core.chat")),
+    Stage("train", "train", Trained, train_key, train_body,
+          ("sft_core.train", "sft_core.loss", "sft_core.modeling", "sft_core.launch", *_GENERATE), keep_partial=True),
+    Stage("evaluate", "evaluate", Evaluated, evaluate_key, evaluate_body, _EVALUATE),
+    Stage("generate", "generate", Generated, generate_key, generate_body, _GENERATE),
+    Stage("evaluate-base", "evaluate", Evaluated, evaluate_key, evaluate_body, _EVALUATE),
+    Stage("generate-base", "generate", Generated, generate_key, generate_body, _GENERATE),
+    Stage("harness", "harness", Harnessed, harness_key, harness_body, ("sft_core.harness", *_GENERATE)),
+)}
+STAGE_FOLDERS: tuple[str, ...] = tuple(dict.fromkeys(s.folder for s in STAGES.values()))
+
+
+def generation_budget(cfg: PipelineConfig, tokens: Tokenized):
+    """`eval.max_new_tokens` resolved against the validation responses (a `GenerationBudget`)."""
+    from sft_core.generate import resolve_max_new_tokens
+
+    return resolve_max_new_tokens(cfg.eval.max_new_tokens, tokens.val_response_lengths, cfg.data.max_length)
+
+
+def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Result]:
+    """ingest -> validate -> split -> base model -> tokenize, without orchestration (the `prepare` command)."""
+    raw = STAGES["ingest"].run(cfg, refresh=refresh)
+    log(f"ingest: {raw.rows} rows from {raw.location}")
+    valid = STAGES["validate"].run(cfg, refresh=refresh, raw=raw)
+    log(f"validate: {valid.good_rows} good, {valid.bad_rows} quarantined")
+    splits = STAGES["split"].run(cfg, refresh=refresh, valid=valid)
+    log(f"split: {splits.train_rows} train / {splits.val_rows} val")
+    model = STAGES["base-model"].run(cfg, refresh=refresh)
+    tokens = STAGES["tokenize"].run(cfg, refresh=refresh, splits=splits, model=model)
+    return {"ingest": raw, "validate": valid, "split": splits, "base-model": model, "tokenize": tokens}

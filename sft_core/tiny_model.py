@@ -12,12 +12,10 @@ import json
 import os
 from pathlib import Path
 
+from sft_core.chat import CHAT_TOKENS, ENDOFTEXT, IM_END, IM_START, THINK_CLOSE, THINK_OPEN
 from sft_core.config import TinyModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-IM_END = "<|im_end|>"
-ENDOFTEXT = "<|endoftext|>"
 
 # The Qwen2.5 chat template without the tool branches (those need tokens this BPE lacks).
 QWEN_CHAT_TEMPLATE = (
@@ -71,21 +69,33 @@ def build_bpe_tokenizer(vocab_size: int = 2048):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
+        special_tokens=list(CHAT_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = sample_texts() + ["<think>\n", "\n</think>\n\n"]
+    texts = sample_texts() + [f"{THINK_OPEN}\n", f"\n{THINK_CLOSE}\n\n"]
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
-        additional_special_tokens=["<|im_start|>", IM_END],
+        additional_special_tokens=[IM_START, IM_END],
         model_max_length=32768,
     )
     fast.chat_template = QWEN_CHAT_TEMPLATE
     return fast
+
+
+def tokenizer_origin(cfg: TinyModelConfig) -> str:
+    """What the tiny model's tokenizer will be built from: the Qwen2.5 files' path, or the BPE's corpus digest."""
+    import hashlib
+
+    from sft_core.data import BUNDLED_SAMPLE
+
+    qwen_dir = find_qwen_tokenizer_dir() if cfg.tokenizer in ("auto", "qwen") else None
+    if qwen_dir is not None:
+        return f"qwen2.5:{qwen_dir}"
+    return "bpe:" + hashlib.sha256(BUNDLED_SAMPLE.read_bytes()).hexdigest()[:16]
 
 
 def load_tokenizer_for_tiny(cfg: TinyModelConfig):

@@ -1,7 +1,6 @@
-"""Chat formatting and SFT tokenization.
+"""SFT tokenization of rows in the chat format (`sft_core.chat`).
 
-Each row becomes the messages ``[system, user=question, assistant=<think>…</think>\\n\\nanswer]``
-rendered by the tokenizer's own chat template (not a hand-written f-string). Labels are
+Each row is rendered by the tokenizer's own chat template (not a hand-written f-string). Labels are
 -100 on the prompt (everything up to and including ``<|im_start|>assistant\\n``), then the
 assistant tokens, then ``<|im_end|>`` with a real label, so the model learns to stop.
 """
@@ -12,42 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-IGNORE_INDEX = -100
-IM_END = "<|im_end|>"
-
-
-def format_assistant(think: str, answer: str) -> str:
-    """The assistant turn the model is trained to produce."""
-    return f"<think>\n{think}\n</think>\n\n{answer}"
-
-
-def build_messages(question: str, system_prompt: str, think: str | None = None, answer: str | None = None) -> list[dict]:
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-    if think is not None and answer is not None:
-        messages.append({"role": "assistant", "content": format_assistant(think, answer)})
-    return messages
-
-
-def render_prompt(tokenizer: Any, question: str, system_prompt: str) -> str:
-    """The generation prompt: system + user + ``<|im_start|>assistant\\n``."""
-    return tokenizer.apply_chat_template(
-        build_messages(question, system_prompt), tokenize=False, add_generation_prompt=True
-    )
-
-
-def render_example(tokenizer: Any, row: dict, system_prompt: str) -> tuple[str, str]:
-    """(prompt text, completion text); the completion ends on the end-of-turn token."""
-    prompt = render_prompt(tokenizer, row["question"], system_prompt)
-    full = tokenizer.apply_chat_template(
-        build_messages(row["question"], system_prompt, row["think"], row["answer"]), tokenize=False
-    )
-    if not full.startswith(prompt):
-        raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
-    completion = full[len(prompt) :]
-    end = completion.rfind(IM_END)
-    if end < 0:
-        raise ValueError(f"the chat template does not end the assistant turn with {IM_END}")
-    return prompt, completion[: end + len(IM_END)]
+from sft_core.chat import IGNORE_INDEX, render_example
 
 
 @dataclass

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+from sft_core.chat import IGNORE_INDEX
 from sft_core.config import PipelineConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from sft_core.stages import Trained
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 
@@ -50,24 +54,6 @@ class GenerationCheck:
 
 
 GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "rouge_l", "mean_new_tokens")
-
-
-@dataclass
-class TrainResult:
-    output_dir: str
-    final_model_dir: str
-    global_step: int
-    epochs: float
-    train_loss: float | None
-    best_checkpoint: str | None  # the checkpoint the final model is, when one was selected
-    selected_by: str | None  # the metric that chose it (eval_gen_score, eval_loss), None: the last step
-    best_value: float | None
-    resumed_from: str | None
-    metrics_file: str
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
@@ -131,8 +117,8 @@ def make_collator(tokenizer: Any, *, padding_free: bool, attn_implementation: st
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if padding_free and attn_implementation in ATTN_KEEPS_PACKED_APART:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def best_model_metric(tc: TrainConfig, *, has_eval: bool, can_generate: bool) -> str | None:
@@ -281,16 +267,16 @@ def run_training(
     sink: MetricsSink | None = None,
     extra_callbacks: list | None = None,
     generation_check: GenerationCheck | None = None,
-) -> TrainResult:
+) -> "Trained":
     """Fine-tune `model_dir` on tokenized datasets saved with `save_to_disk`; resume when possible."""
     import datasets
     import torch
     from transformers import set_seed
 
     from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device, resolve_dtype
+    from sft_core.stages import Trained
 
     tc = cfg.train
-    started = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(tc.seed)
@@ -344,7 +330,9 @@ def run_training(
         trainer.model.generation_config.save_pretrained(final_dir)
         (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: the shipped model is safetensors only
     state = trainer.state
-    return TrainResult(
+    return Trained(
+        key=None,
+        folder=str(out),
         output_dir=str(out),
         final_model_dir=str(final_dir),
         global_step=state.global_step,
@@ -355,5 +343,4 @@ def run_training(
         best_value=float(state.best_metric) if state.best_metric is not None and best_metric else None,
         resumed_from=resume,
         metrics_file=str(metrics_file),
-        seconds=round(time.perf_counter() - started, 3),
     )

@@ -22,7 +22,6 @@ from typing import Any, Literal
 from sft_core.data import write_jsonl
 from sft_core.errors import ConfigError, DataValidationError
 
-EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
 DOCS_SITE = "qwen_sft"
 MAX_LISTED = 5  # problems spelled out in an error message
 SAMPLE_ROWS = 20  # bad row numbers kept per expectation in the report
@@ -42,11 +41,18 @@ class ValidationResult:
     problems: list[str] = field(default_factory=list)
 
 
+def suites() -> Path:
+    """The folder of the shipped suites (`expectations/` in the repository, `sft_core/expectations` in the wheel)."""
+    from importlib import resources
+
+    return Path(str(resources.files("sft_core.expectations")))
+
+
 def suite_path(suite: str) -> Path:
-    """``expectations/<suite>.json``, or ``suite`` itself when it is a path to a .json file."""
-    path = Path(suite) if suite.endswith(".json") else EXPECTATIONS_DIR / f"{suite}.json"
+    """A shipped suite by name (``delicate_medical_r1``), or ``suite`` itself when it is a path to a .json file."""
+    path = Path(suite) if suite.endswith(".json") else suites() / f"{suite}.json"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in EXPECTATIONS_DIR.glob("*.json"))) or "none"
+        known = ", ".join(sorted(p.stem for p in suites().glob("*.json"))) or "none"
         raise ConfigError(f"expectation suite '{suite}' not found at {path} (data.suite; available: {known})")
     return path
 

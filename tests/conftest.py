@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from sft_core import process
+
+# the test session is an entry point: the product's process set-up, offline, and no inherited tracking store
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+process.configure_process()
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -60,13 +59,10 @@ def prefect_harness():
 @pytest.fixture(autouse=True)
 def _isolate_tracking_env(monkeypatch):
     """`mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI into os.environ: keep one test's URI out of the next."""
-    import sys
-
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     for key in keys:
         os.environ.pop(key, None)
-    if "tasks.tracking.store" in sys.modules:
-        monkeypatch.setattr(sys.modules["tasks.tracking.store"], "_ENV_TRACKING_URI", None)
+    monkeypatch.setattr(process, "_user_environment", {k: v for k, v in os.environ.items() if k not in keys})
     yield
     for key in keys:
         os.environ.pop(key, None)

@@ -9,7 +9,7 @@ from sft_core.errors import ConfigError
 
 
 def test_presets_load_with_the_tutorial_hyperparameters():
-    real = load_config("configs/qwen2.5-1.5b-medical.yaml", env={})
+    real = load_config("configs/qwen2.5-1.5b-medical.yaml")
     assert real.model.source == "modelscope://Qwen/Qwen2.5-1.5B"
     assert real.data.source == "modelscope://krisfu/delicate_medical_r1_data"
     assert (real.data.subset, real.data.split, real.data.max_length) == ("default", "train", 2048)
@@ -17,13 +17,13 @@ def test_presets_load_with_the_tutorial_hyperparameters():
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_train_epochs, t.learning_rate) == (1, 4, 2, 1e-4)
     assert (t.eval_steps, t.logging_steps, t.save_steps, t.gradient_checkpointing) == (100, 10, 400, True)
     assert real.data.system_prompt.startswith("你是一个医学专家")
-    demo = load_config("demo", env={})
+    demo = load_config("demo")
     assert demo.model.source.startswith("tiny://") and demo.train.device == "cpu"
 
 
 def test_set_overrides_parse_yaml_scalars_and_nested_keys():
     cfg = load_config("demo", ["train.learning_rate=5e-5", "eval.do_sample=true", "registry.gate.min_format_ok_delta=0.1",
-                               "tracking.uri=null"], env={})
+                               "tracking.uri=null"])
     assert cfg.train.learning_rate == 5e-5 and cfg.eval.do_sample is True
     assert cfg.registry.gate.min_format_ok_delta == 0.1 and cfg.tracking.uri is None
 
@@ -42,33 +42,47 @@ def test_set_overrides_parse_yaml_scalars_and_nested_keys():
 )
 def test_bad_keys_and_values_name_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        load_config("demo", [override], env={})
+        load_config("demo", [override])
 
 
 def test_unknown_key_in_a_file_is_named(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochz: 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"train\.epochz"):
-        load_config(f, env={})
+        load_config(f)
 
 
-def test_env_tracking_uri_wins_over_default_but_not_over_set():
-    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"}
-    assert load_config("demo", env=env).tracking.uri == "http://127.0.0.1:5999"
-    assert load_config("demo", ["tracking.uri=http://other:5000"], env=env).tracking.uri == "http://other:5000"
+def test_env_tracking_uri_wins_over_default_but_not_over_set(monkeypatch, tmp_path):
+    """One function decides the store, with the environment as the user set it (not as MLflow rewrites it)."""
+    import mlflow
+
+    from sft_core import process
+    from tasks.tracking import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setattr(process, "_user_environment", None)
+    process.configure_process()
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    assert cfg.tracking.uri is None, "the config holds what the preset says; the environment is read where it runs"
+    assert tracking_uri(cfg) == "http://127.0.0.1:5999"
+    assert tracking_uri(load_config("demo", ["tracking.uri=http://other:5000"])) == "http://other:5000"
+    mlflow.set_tracking_uri("sqlite:///elsewhere.db")  # writes MLFLOW_TRACKING_URI into os.environ
+    assert tracking_uri(cfg) == "http://127.0.0.1:5999"
+    monkeypatch.setattr(process, "_user_environment", {})
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
 
 def test_round_trip_and_stable_hash(tmp_path):
-    cfg = load_config("demo", ["train.seed=7"], env={})
+    cfg = load_config("demo", ["train.seed=7"])
     f = tmp_path / "round.yaml"
     f.write_text(cfg.to_yaml(), encoding="utf-8")
-    again = load_config(f, env={})
+    again = load_config(f)
     assert again == cfg
     assert again.config_hash() == cfg.config_hash()
-    assert load_config("demo", ["train.seed=8"], env={}).config_hash() != cfg.config_hash()
+    assert load_config("demo", ["train.seed=8"]).config_hash() != cfg.config_hash()
     # where outputs go and where they are tracked do not change results
-    assert load_config("demo", ["workdir=/tmp/elsewhere", "tracking.uri=http://x:1"], env={}).config_hash() == \
-        load_config("demo", env={}).config_hash()
+    assert load_config("demo", ["workdir=/tmp/elsewhere", "tracking.uri=http://x:1"]).config_hash() == \
+        load_config("demo").config_hash()
 
 
 def test_flat_params_are_dotted_and_secrets_redacted():
@@ -82,4 +96,4 @@ def test_flat_params_are_dotted_and_secrets_redacted():
 
 def test_missing_file_names_it():
     with pytest.raises(ConfigError, match="nope.yaml"):
-        load_config("nope.yaml", env={})
+        load_config("nope.yaml")

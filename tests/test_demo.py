@@ -24,7 +24,7 @@ def demo(tmp_path_factory):
     from flows.finetune import run_in_process
 
     workdir = tmp_path_factory.mktemp("demo")
-    cfg = load_config("demo", [f"workdir={workdir}"], env={})
+    cfg = load_config("demo", [f"workdir={workdir}"])
     return cfg, run_in_process(cfg.model_dump(mode="json"))
 
 

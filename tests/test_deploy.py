@@ -42,7 +42,7 @@ def test_prefect_yaml_parameters_are_the_presets():
     model = PrefectYamlModel.model_validate(_prefect_yaml())  # the schema `prefect deploy` reads
     assert {d.name for d in model.deployments} == set(PRESET_OF)
     for dep in model.deployments:
-        preset = load_config(PRESET_OF[dep.name], env={})
+        preset = load_config(PRESET_OF[dep.name])
         deployed = PipelineConfig.model_validate(dep.parameters["config"])
         assert dep.parameters["refresh"] is False
         in_container = dep.name.endswith(("-docker", "-k8s"))
@@ -62,15 +62,15 @@ def test_prefect_yaml_parameters_are_the_presets():
 
 
 def test_parameters_are_the_resolved_config_and_refuse_credentials():
-    cfg = load_config("demo", ["train.max_steps=3"], env={})
+    cfg = load_config("demo", ["train.max_steps=3"])
     assert deployment_parameters(cfg) == {"config": cfg.model_dump(mode="json"), "refresh": False}
-    leaky = load_config("demo", ["tracking.uri=http://alice:s3cret@mlflow:5000"], env={})
+    leaky = load_config("demo", ["tracking.uri=http://alice:s3cret@mlflow:5000"])
     with pytest.raises(ConfigError, match="tracking.uri"):
         deployment_parameters(leaky)
 
 
 def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
-    cfg = load_config("demo", ["schedule.timezone=Asia/Shanghai"], env={})
+    cfg = load_config("demo", ["schedule.timezone=Asia/Shanghai"])
     sched = cron_schedule(cfg)
     assert (sched.cron, sched.timezone) == ("0 3 * * 1", "Asia/Shanghai")
     assert cron_schedule(cfg, "*/5 * * * *").cron == "*/5 * * * *"
@@ -83,7 +83,7 @@ def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
 def test_deploy_needs_a_reachable_prefect_api():
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    cfg = load_config("demo", env={})
+    cfg = load_config("demo")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(OrchestrationError, match="PREFECT_API_URL is not set"):
             deploy(cfg)
@@ -181,7 +181,7 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
     with ExitStack() as stack:
         prefect, mlflow = _start_servers(stack, tmp_path)
         overrides.append(f"tracking.uri={mlflow.url}")
-        cfg = load_config("demo", overrides, env={})
+        cfg = load_config("demo", overrides)
         env = child_env(PREFECT_API_URL=prefect.api_url, PREFECT_HOME=str(tmp_path / "prefect-client"),
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.api_url}))
@@ -245,7 +245,7 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
         assert code == 0, _tail(yaml_log)
         for dep_name, preset in PRESET_OF.items():
             d = client.read_deployment_by_name(f"finetune/{dep_name}")
-            assert d.parameters["config"]["name"] == load_config(preset, env={}).name
+            assert d.parameters["config"]["name"] == load_config(preset).name
             assert d.global_concurrency_limit.limit == 1 and [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"]
         k8s = client.read_deployment_by_name("finetune/finetune-qwen2.5-1.5b-medical-k8s")
         assert k8s.work_pool_name == "qwen-sft-kubernetes"

@@ -43,7 +43,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _cfg(workdir: Path, server, *extra: str):
-    return load_config("demo", [*FAST, f"workdir={workdir}", f"tracking.uri={server.url}", *extra], env={})
+    return load_config("demo", [*FAST, f"workdir={workdir}", f"tracking.uri={server.url}", *extra])
 
 
 def _run(cfg, **kw):

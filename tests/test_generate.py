@@ -18,8 +18,8 @@ from sft_core.generate import (
     lcs_length,
     parse_response,
     rouge_l_chars,
-    stop_token_ids,
 )
+from sft_core.chat import stop_token_ids
 from sft_core.tiny_model import build_tiny_model
 
 SYSTEM = "你是一个医学专家,你需要根据用户的问题,给出带有思考的回答。"
@@ -191,7 +191,7 @@ def _with_stop_bias(tiny, bias: float):
     with torch.no_grad():
         head.weight.copy_(old.weight)
         head.bias.zero_()
-        head.bias[stop_token_ids(model, tok)] = bias
+        head.bias[stop_token_ids(tok, model.generation_config)] = bias
     model.lm_head = head
     return model, tok
 
@@ -201,7 +201,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
     new = 12
     batched = generate_answers(model, tok, QUESTIONS, system_prompt=SYSTEM, max_new_tokens=new, batch_size=3)
     assert [g.question for g in batched] == QUESTIONS
-    stops = stop_token_ids(model, tok)
+    stops = stop_token_ids(tok, model.generation_config)
     for q, g in zip(QUESTIONS, batched):
         prompt = tok.apply_chat_template(
             [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],

@@ -92,10 +92,13 @@ def test_pyproject_lists_every_package():
     """setuptools' explicit package list: a new sub-package left out of it is missing from the wheel."""
     import tomllib
 
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, mapped = set(setuptools["packages"]), setuptools["package-dir"]
     found = {".".join(init.parent.relative_to(REPO).parts)
              for top in ("sft_core", "tasks", "flows") for init in (REPO / top).rglob("__init__.py")}
-    assert found == listed
+    assert found | set(mapped) == listed
+    for package, folder in mapped.items():  # data folders at the top of the repository, shipped inside sft_core
+        assert (REPO / folder / "__init__.py").is_file(), package
 
 
 def test_server_sh_rejects_bad_mode_and_missing_auth_password(tmp_path):

@@ -32,7 +32,7 @@ def test_a_budget_below_the_responses_is_warned_about_with_both_numbers():
 
 def test_both_presets_compare_with_the_base_and_size_the_budget_themselves():
     for preset in ("demo", "qwen2.5-1.5b-medical"):
-        cfg = load_config(preset, env={})
+        cfg = load_config(preset)
         assert cfg.eval.compare_base is True, preset
         assert cfg.eval.max_new_tokens == "auto", preset
         assert cfg.train.metric_for_best_model == "gen_score", preset
@@ -93,11 +93,11 @@ def test_the_checkpoint_kept_is_the_one_that_generated_best(tmp_path, tiny_model
 def test_sharded_training_falls_back_to_eval_loss():
     from sft_core.train import best_model_metric
 
-    tc = load_config("demo", env={}).train
+    tc = load_config("demo").train
     assert best_model_metric(tc, has_eval=True, can_generate=True) == "eval_gen_score"
     assert best_model_metric(tc, has_eval=True, can_generate=False) == "eval_loss"
     assert best_model_metric(tc, has_eval=False, can_generate=True) is None
-    last = load_config("demo", ["train.metric_for_best_model=none"], env={}).train
+    last = load_config("demo", ["train.metric_for_best_model=none"]).train
     assert best_model_metric(last, has_eval=True, can_generate=True) is None
 
 
@@ -129,7 +129,7 @@ def test_comparison_rows_put_base_beside_fine_tuned_with_one_rounding_rule():
 def test_model_card_has_every_section_and_fits_the_description_limit():
     from sft_core.model_card import DESCRIPTION_LIMIT, CardFacts, render_model_card
 
-    cfg = load_config("qwen2.5-1.5b-medical", env={})
+    cfg = load_config("qwen2.5-1.5b-medical")
     long = "很长的思考。" * 400
     facts = CardFacts(registered_name="m", version=3, dataset_digest="d" * 64, train_rows=2166, val_rows=241,
                       fine_tuned={"eval/loss": 1.2, "gen/format_ok_rate": 0.95, "gen/stop_rate": 1.0},
@@ -152,7 +152,7 @@ def test_gate_refuses_a_candidate_that_does_not_beat_its_base(tmp_path):
     from sft_core.errors import PromotionError
     from tasks import tracking
 
-    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=gate-base"], env={})
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=gate-base"])
     c = tracking.client(cfg)
     exp = tracking.ensure_experiment(cfg)
     c.create_registered_model("gate-base")

@@ -81,12 +81,12 @@ def test_bad_config_fails_before_any_work_naming_the_key(override: str, named: s
 
 def test_max_length_shorter_than_the_prompt_is_refused(tmp_path: Path):
     from sft_core.errors import ConfigError
-    from sft_core.modeling import resolve_model_dir
     from sft_core.preflight import preflight
+    from sft_core.stages import STAGES
 
     cfg = load_config("demo", [f"workdir={tmp_path}", "data.max_length=64",
-                               f"data.system_prompt={'很长的系统提示' * 30}"], env={})
-    resolve_model_dir(cfg.model, cfg.workdir_path)  # a local model: checked before any work
+                               f"data.system_prompt={'很长的系统提示' * 30}"])
+    STAGES["base-model"].run(cfg)  # a model already there: checked before any work
     with pytest.raises(ConfigError, match=r"data\.max_length=64"):
         preflight(cfg)
 
@@ -111,7 +111,7 @@ def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
     from sft_core.errors import DataValidationError
 
     bad = next(k for k, v in EXPECTED.items() if v["error"] == "DataValidationError" and "bad_rows" in v)
-    cfg = load_config("demo", [*FAST, f"workdir={tmp_path}", f"data.source={BAD / bad}", "data.min_rows=2"], env={})
+    cfg = load_config("demo", [*FAST, f"workdir={tmp_path}", f"data.source={BAD / bad}", "data.min_rows=2"])
     with pytest.raises(DataValidationError):
         finetune(config=cfg.model_dump(mode="json"))
     assert not (tmp_path / "train").exists()
@@ -170,7 +170,7 @@ def test_kill_9_during_training_then_rerun_resumes_the_same_run(tmp_path: Path):
 def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
     from tasks import tracking
 
-    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=idem-model"], env={})
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=idem-model"])
     c = tracking.client(cfg)
     exp = tracking.ensure_experiment(cfg)
     run = c.create_run(exp)
@@ -199,7 +199,7 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path: Path):
     from tasks.tracking import BufferedMetricLogger
 
     with mlflow_server(tmp_path) as srv:
-        cfg = load_config("demo", [f"workdir={tmp_path}", f"tracking.uri={srv.url}"], env={})
+        cfg = load_config("demo", [f"workdir={tmp_path}", f"tracking.uri={srv.url}"])
         c = MlflowClient(srv.url)
         run = c.create_run(c.create_experiment("outage"))
         logger = BufferedMetricLogger(cfg, run.info.run_id, flush_every=0.5, flush_timeout=180)
@@ -223,55 +223,62 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path: Path):
 # --- 4. concurrency -----------------------------------------------------------------------
 
 def test_same_stage_twice_at_once_runs_once(tmp_path: Path):
-    from sft_core.stages import run_stage
+    from sft_core.stages import Evaluated, run_in_folder
 
     calls = []
 
-    def body(folder: Path) -> dict:
+    def body(folder: Path) -> Evaluated:
         calls.append(threading.get_ident())
         time.sleep(1.0)
         (folder / "out.txt").write_text("x")
-        return {"value": 1}
+        return Evaluated(key="k", folder=str(folder), metrics={"loss": 1.0})
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(run_stage(tmp_path / "stage" / "k", body))) for _ in range(2)]
+    run = lambda: results.append(run_in_folder(tmp_path / "stage" / "k", body, Evaluated))  # noqa: E731
+    threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert sorted(r["reused"] for r in results) == [False, True]
+    assert sorted(r.reused for r in results) == [False, True]
+    assert results[0].metrics == results[1].metrics == {"loss": 1.0}
 
 
 def test_different_configs_get_different_folders():
-    from sft_core import stages
+    from sft_core.stages import STAGES, BaseModel, Split, Tokenized
 
-    a = load_config("demo", env={})
-    b = load_config("demo", ["train.learning_rate=1e-3"], env={})
-    splits = {"train_digest": "t", "val_digest": "v"}
-    ka, kb = stages.train_key(a, stages.tokenize_key(a, splits), 512), stages.train_key(b, stages.tokenize_key(b, splits), 512)
-    assert ka != kb
-    c = load_config("demo", ["eval.batch_size=3", "eval.harness=false"], env={})
-    assert stages.train_key(c, stages.tokenize_key(c, splits), 512) == ka, "evaluation-only settings do not change it"
-    assert stages.train_key(a, stages.tokenize_key(a, splits), 256) != ka, "the selecting generation's budget does"
-    d = load_config("demo", ["train.metric_for_best_model=loss"], env={})
-    assert stages.train_key(d, stages.tokenize_key(d, splits), 256) == stages.train_key(d, stages.tokenize_key(d, splits), 512)
+    splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t", val_digest="v")
+    model = BaseModel(key="m", folder="f", model_dir="m")
+
+    def train_key(cfg, budget=512):
+        tokens = Tokenized(key=STAGES["tokenize"].key_of(cfg, splits=splits, model=model), folder="f", train_ds="t",
+                           val_ds="v", stats={})
+        return STAGES["train"].key_of(cfg, tokens=tokens, splits=splits, model=model, max_new_tokens=budget)
+
+    a, b = load_config("demo"), load_config("demo", ["train.learning_rate=1e-3"])
+    assert train_key(a) != train_key(b)
+    c = load_config("demo", ["eval.batch_size=3", "eval.harness=false"])
+    assert train_key(c) == train_key(a), "evaluation-only settings do not change it"
+    assert train_key(a, 256) != train_key(a), "the selecting generation's budget does"
+    d = load_config("demo", ["train.metric_for_best_model=loss"])
+    assert train_key(d, 256) == train_key(d, 512), "without selection by generation, the budget does not"
 
 
 # --- 5. gc ----------------------------------------------------------------------------------
 
 def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
-    from sft_core.stages import write_done
+    from sft_core.stages import Evaluated, write_done
+    from sft_core.workspace import gc
     from tasks import tracking
-    from tasks.workspace import gc
 
-    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=gc-model"], env={})
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=gc-model"])
     folders = []
     for i in range(4):
         f = tmp_path / "train" / f"key{i}"
         f.mkdir(parents=True)
         (f / "weights.bin").write_bytes(b"0" * 1000)
-        write_done(f, {"i": i})
+        write_done(f, Evaluated(key=f"key{i}", folder=str(f), metrics={"i": i}))
         os.utime(f / "_DONE.json", (1000 + i, 1000 + i))
         folders.append(f)
     unfinished = tmp_path / "train" / "crashed"
@@ -283,7 +290,7 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     c.log_artifacts(run.info.run_id, str(folders[0]), "model")
     c.create_model_version("gc-model", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
 
-    result = gc(cfg, keep=1)
+    result = gc(cfg.workdir_path, keep=1, protected=tracking.registered_folders(cfg))
     assert folders[0].exists(), "a registered version's folder was deleted"
     assert folders[3].exists() and not folders[1].exists() and not folders[2].exists()
     assert unfinished.exists(), "an unfinished (resumable) folder was deleted"
@@ -293,7 +300,7 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
 def test_checkpoints_rotate(tmp_path: Path):
     from sft_core.train import build_training_args
 
-    cfg = load_config("demo", ["train.save_total_limit=2"], env={})
+    cfg = load_config("demo", ["train.save_total_limit=2"])
     args = build_training_args(cfg.train, tmp_path, device="cpu", bf16=False, has_eval=True, best_metric="eval_loss")
     assert args.save_total_limit == 2 and args.load_best_model_at_end
 
@@ -301,8 +308,8 @@ def test_checkpoints_rotate(tmp_path: Path):
 # --- 6. security --------------------------------------------------------------------------
 
 def test_trust_remote_code_is_off_unless_asked():
-    assert load_config("demo", env={}).model.trust_remote_code is False
-    assert load_config("configs/qwen2.5-1.5b-medical.yaml", env={}).model.trust_remote_code is False
+    assert load_config("demo").model.trust_remote_code is False
+    assert load_config("configs/qwen2.5-1.5b-medical.yaml").model.trust_remote_code is False
 
 
 def test_pickle_weights_are_refused(tmp_path: Path, tiny_model_dir: Path):
@@ -326,10 +333,11 @@ def test_pickle_weights_are_refused(tmp_path: Path, tiny_model_dir: Path):
 def test_secrets_are_redacted_from_logged_params(tmp_path: Path):
     from tasks import tracking
 
-    cfg = load_config("demo", [f"workdir={tmp_path}", "tracking.uri=http://alice:hunter2@127.0.0.1:1"], env={})
+    cfg = load_config("demo", [f"workdir={tmp_path}", "tracking.uri=http://alice:hunter2@127.0.0.1:1"])
     assert all("hunter2" not in v for v in cfg.flat_params().values()) and "hunter2" not in cfg.to_yaml()
     # what reaches MLflow (params and config.yaml) is the redacted form
-    leaky = load_config("demo", [f"workdir={tmp_path}", "data.source=https://bob:s3cr3t@data.example/x.jsonl"], env={})
+    leaky = load_config("demo", [f"workdir={tmp_path}", "data.source=https://bob:s3cr3t@data.example/x.jsonl",
+                                 "tracking.experiment=redaction"])
     c = tracking.client(leaky)
     run = c.create_run(tracking.ensure_experiment(leaky))
     tracking.log_config(leaky, run.info.run_id)

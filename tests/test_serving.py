@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from flows.deploy import check_alias, model_uri, serving_command
+from tasks.tracking.serving import check_alias, model_uri, serving_command
 from sft_core.config import load_config
 from sft_core.errors import PromotionError
 from tests.servers import BIN, ServerProcess, child_env, free_port
@@ -26,7 +26,7 @@ def _overrides(workdir: Path) -> list[str]:
 def test_serving_command_targets_the_alias_in_the_configured_store(tmp_path):
     from tasks.tracking import tracking_uri
 
-    cfg = load_config("demo", _overrides(tmp_path), env={})
+    cfg = load_config("demo", _overrides(tmp_path))
     argv, env = serving_command(cfg, alias="candidate", port=5123)
     assert argv[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
     assert argv[argv.index("-m", 3) + 1] == model_uri(cfg, "candidate") == "models:/serve-test-model@candidate"
@@ -44,7 +44,7 @@ def test_promoted_model_answers_over_http(tmp_path):
     from tasks.tracking import aliases, tracking_uri
 
     overrides = _overrides(tmp_path / "workdir")
-    cfg = load_config("demo", overrides, env={})
+    cfg = load_config("demo", overrides)
     with pytest.raises(PromotionError, match="no @production version"):
         check_alias(cfg)
     summary = finetune(config=cfg.model_dump(mode="json"))

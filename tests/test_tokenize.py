@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sft_core.tokenize import IGNORE_INDEX, format_assistant, render_prompt, tokenize_rows
+from sft_core.chat import IGNORE_INDEX, format_assistant, render_prompt
+from sft_core.tokenize import tokenize_rows
 
 SYSTEM = "你是一个医学专家，你需要根据用户的问题，给出带有思考的回答。"
 IM_END_ID = 151645

@@ -12,7 +12,7 @@ from tasks.tracking import runs, store
 
 
 def _cfg(tmp_path: Path, *extra: str):
-    return load_config("demo", [f"workdir={tmp_path}", *extra], env={})
+    return load_config("demo", [f"workdir={tmp_path}", *extra])
 
 
 def _tables(db: Path) -> set[str]:

@@ -133,12 +133,12 @@ def test_cpu_and_gpu_defaults_for_batching_and_loss_chunks():
     assert resolve_padding_free("auto", "cuda") is True
     assert resolve_padding_free(True, "cpu") is True and resolve_padding_free(False, "cuda") is False
     assert (resolve_loss_chunk_size(0, "cpu"), resolve_loss_chunk_size(0, "cuda"), resolve_loss_chunk_size(64, "cpu")) == (256, 1024, 64)
-    assert load_config("demo", ["train.padding_free=auto"], env={}).train.padding_free == "auto"
-    assert load_config("demo", ["train.padding_free=false"], env={}).train.padding_free is False
+    assert load_config("demo", ["train.padding_free=auto"]).train.padding_free == "auto"
+    assert load_config("demo", ["train.padding_free=false"]).train.padding_free is False
     with pytest.raises(ConfigError, match="train.padding_free"):
-        load_config("demo", ["train.padding_free=sometimes"], env={})
+        load_config("demo", ["train.padding_free=sometimes"])
     with pytest.raises(ConfigError, match="train.loss_chunk_size"):
-        load_config("demo", ["train.loss_chunk_size=-1"], env={})
+        load_config("demo", ["train.loss_chunk_size=-1"])
 
 
 _FRAGMENT_HEAP = """

@@ -9,7 +9,7 @@ import pytest
 
 from sft_core import errors
 from sft_core.data import load_rows, read_jsonl
-from sft_core.validation import EXPECTATIONS_DIR, ValidationResult, load_suite, validate_rows
+from sft_core.validation import ValidationResult, load_suite, suites, validate_rows
 
 BAD = Path(__file__).parent / "data" / "bad"
 EXPECTED: dict[str, dict] = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))
@@ -47,7 +47,7 @@ def _validate(name: str, **kwargs) -> ValidationResult:
 
 
 def test_suite_file_is_gx_suite_json_with_bound_parameters(gx):
-    raw = json.loads((EXPECTATIONS_DIR / "delicate_medical_r1.json").read_text(encoding="utf-8"))
+    raw = json.loads((suites() / "delicate_medical_r1.json").read_text(encoding="utf-8"))
     suite = gx.ExpectationSuite(**raw)  # GX accepts it as stored
     assert len(suite.expectations) == len(raw["expectations"]) >= 19
     assert {e.expectation_type for e in suite.expectations} >= {

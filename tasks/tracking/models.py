@@ -26,7 +26,7 @@ PIP_REQUIREMENTS = ["torch", "transformers>=5,<6", "accelerate", "safetensors", 
 def serving_prompt_template(cfg: PipelineConfig, model_dir: str) -> str:
     """The chat prompt around `{prompt}`, so a served model gets what it was trained on."""
     from sft_core.modeling import load_tokenizer
-    from sft_core.tokenize import render_prompt
+    from sft_core.chat import render_prompt
 
     return render_prompt(load_tokenizer(model_dir), "{prompt}", cfg.data.system_prompt)
 
@@ -241,13 +241,22 @@ def run_of(cfg: PipelineConfig, uri: str) -> str | None:
         return None
 
 
-def registered_sources(cfg: PipelineConfig) -> set[str]:
-    """Run ids that some registered version points to (gc must keep their files)."""
+def registered_folders(cfg: PipelineConfig) -> set[Path]:
+    """Train folders that some registered version came from (`qwen-sft gc` must keep them)."""
     c = client(cfg)
     try:
-        return {mv.run_id for mv in c.search_model_versions(f"name = '{cfg.registry.name}'") if mv.run_id}
+        run_ids = {mv.run_id for mv in c.search_model_versions(f"name = '{cfg.registry.name}'") if mv.run_id}
     except Exception:
         return set()
+    keep: set[Path] = set()
+    for run_id in run_ids:
+        try:
+            tag = c.get_run(run_id).data.tags.get("qwen_sft.logged.train", "")
+        except Exception:
+            continue
+        if tag:
+            keep.add(Path(tag.rsplit(":", 1)[0]).resolve())
+    return keep
 
 
 def _user() -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.config import PipelineConfig
+from sft_core.stages import Split, Trained
 from tasks.tracking.store import artifact_root, client, tracking_uri
 
 RUN_KEY_TAG = "qwen_sft.run_key"
@@ -22,11 +23,12 @@ _resumed_tags: dict[str, dict[str, str]] = {}  # run id -> its tags when this pr
 
 
 def experiment_name(cfg: PipelineConfig) -> str:
+    """`tracking.experiment`, else `<dataset>--<model>` (e.g. delicate_medical_r1_data--Qwen2.5-1.5B)."""
+    from sft_core.sources import parse_data_source, parse_model_source
+
     if cfg.tracking.experiment:
         return cfg.tracking.experiment
-    dataset = cfg.data.source.split("://")[-1].rstrip("/").split("/")[-1].removesuffix(".jsonl")
-    model = cfg.model.source.split("://")[-1].rstrip("/").split("/")[-1]
-    return f"{dataset}--{model}"
+    return f"{parse_data_source(cfg.data.source).name}--{parse_model_source(cfg.model.source).name}"
 
 
 def ensure_experiment(cfg: PipelineConfig) -> str:
@@ -105,7 +107,7 @@ def log_config(cfg: PipelineConfig, run_id: str) -> None:
         c.log_artifact(run_id, str(path))
 
 
-def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: dict, source_location: str) -> None:
+def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: Split, source_location: str) -> None:
     """Lineage: train and val as MLflow dataset inputs (digest, source, row counts)."""
     import mlflow
     import pandas as pd
@@ -115,14 +117,22 @@ def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: dict, source_lo
 
     c = client(cfg)
     already = {d.dataset.digest for d in c.get_run(run_id).inputs.dataset_inputs}
-    for context in ("train", "val"):
-        digest = splits[f"{context}_digest"][:36]
+    for context, path, full_digest in (("train", splits.train, splits.train_digest), ("val", splits.val, splits.val_digest)):
+        digest = full_digest[:36]
         if digest in already:
             continue
-        df = pd.DataFrame(read_jsonl(splits[context]))[["question", "think", "answer"]]
+        df = pd.DataFrame(read_jsonl(path))[["question", "think", "answer"]]
         ds = mlflow.data.from_pandas(df, source=source_location, name=f"{experiment_name(cfg)}-{context}", digest=digest)
         c.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(ds._to_mlflow_entity(),
                                                                     tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_validation(cfg: PipelineConfig, run_id: str, report: str | None, docs: str | None,
+                   quarantine: str | None) -> None:
+    """The validation report, its Data Docs site and the quarantined rows, under `validation/`."""
+    for path, where in ((report, "validation"), (docs, "validation/data_docs"), (quarantine, "validation")):
+        if path:
+            log_artifact(cfg, run_id, path, where)
 
 
 def log_artifact(cfg: PipelineConfig, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -275,12 +285,13 @@ def log_predictions(cfg: PipelineConfig, run_id: str, predictions_file: str | Pa
     mlflow.log_table(data=df, artifact_file=artifact_file, run_id=run_id)
 
 
-def log_checkpoints(cfg: PipelineConfig, run_id: str, trained: dict) -> list[str]:
+def log_checkpoints(cfg: PipelineConfig, run_id: str, trained: Trained) -> list[str]:
     mode = cfg.tracking.log_checkpoints
     if mode == "none":
         return []
-    out = Path(trained["output_dir"])
-    chosen = sorted(out.glob("checkpoint-*")) if mode == "all" else ([Path(trained["best_checkpoint"])] if trained.get("best_checkpoint") else [])
+    out = Path(trained.output_dir)
+    best = [Path(trained.best_checkpoint)] if trained.best_checkpoint else []
+    chosen = sorted(out.glob("checkpoint-*")) if mode == "all" else best
     logged = []
     for ckpt in chosen:
         if ckpt.exists():

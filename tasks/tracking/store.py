@@ -19,22 +19,17 @@ from typing import Any
 
 from sft_core.config import PipelineConfig
 from sft_core.errors import TrackingError
+from sft_core.process import user_environment
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# fail fast instead of MLflow's default minutes of HTTP retries; the buffered logger retries itself
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-# read once at import: `mlflow.set_tracking_uri` writes this variable, so a later read would see our own last URI
-_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """`tracking.uri`, else `MLFLOW_TRACKING_URI` where the flow runs (a worker's), else SQLite in the workdir."""
-    return cfg.tracking.uri or _ENV_TRACKING_URI or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}"
+    """The one place the store is decided: `tracking.uri` (a preset or `--set`), else `MLFLOW_TRACKING_URI` as the
+    user set it where the flow runs (a worker's; not the value `mlflow.set_tracking_uri` writes back into the
+    environment), else the embedded SQLite store in the workdir."""
+    return (cfg.tracking.uri or user_environment("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}")
 
 
 def artifact_root(cfg: PipelineConfig) -> str | None:

@@ -1,0 +1,1 @@
+"""Great Expectations suites shipped as package data: `sft_core.expectations`."""

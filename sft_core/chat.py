@@ -1,0 +1,70 @@
+"""The chat format, defined once: control tokens, the assistant turn, the prompt, the stop tokens.
+
+Each row becomes ``[system, user=question, assistant="<think>\\n{think}\\n</think>\\n\\n{answer}"]``,
+rendered by the tokenizer's own chat template. The Qwen2.5 base model ends a text on
+``<|endoftext|>``; the fine-tune is trained to end its turn on ``<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+CHAT_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # what a Qwen2.5 chat needs; the tiny BPE has exactly these
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+IGNORE_INDEX = -100  # label of a position the loss skips (Hugging Face convention)
+
+
+def format_assistant(think: str, answer: str) -> str:
+    """The assistant turn the model is trained to produce."""
+    return f"{THINK_OPEN}\n{think}\n{THINK_CLOSE}\n\n{answer}"
+
+
+def build_messages(question: str, system_prompt: str, think: str | None = None, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    if think is not None and answer is not None:
+        messages.append({"role": "assistant", "content": format_assistant(think, answer)})
+    return messages
+
+
+def render_prompt(tokenizer: Any, question: str, system_prompt: str) -> str:
+    """The generation prompt as text: system + user + ``<|im_start|>assistant\\n``."""
+    return tokenizer.apply_chat_template(build_messages(question, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def render_example(tokenizer: Any, row: dict, system_prompt: str) -> tuple[str, str]:
+    """(prompt text, completion text); the completion ends on the end-of-turn token."""
+    prompt = render_prompt(tokenizer, row["question"], system_prompt)
+    full = tokenizer.apply_chat_template(
+        build_messages(row["question"], system_prompt, row["think"], row["answer"]), tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
+    completion = full[len(prompt):]
+    end = completion.rfind(IM_END)
+    if end < 0:
+        raise ValueError(f"the chat template does not end the assistant turn with {IM_END}")
+    return prompt, completion[: end + len(IM_END)]
+
+
+def token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a special token the tokenizer really has (not its unknown-token fallback)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+        return tid
+    return None
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """The ids generation stops on, in order: the generation config's `eos_token_id` (int or list),
+    then `<|im_end|>` (where the fine-tune ends) and `<|endoftext|>` (where the base ends); the
+    tokenizer's eos when it has neither."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids += [t for t in (token_id(tokenizer, IM_END), token_id(tokenizer, ENDOFTEXT)) if t is not None and t not in ids]
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids

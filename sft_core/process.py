@@ -1,0 +1,46 @@
+"""Process set-up, in one place: the entry points call `configure_process()`; importing a module changes nothing.
+
+Entry points: the CLI (`flows.cli` callback), the flow (`flows.finetune.finetune`, for runs a
+worker starts) and the distributed launcher (`sft_core.launch.main`). Every setting is a default:
+a value the user exported wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+# name -> default; why each one is here
+PROCESS_DEFAULTS = {
+    # Prefect's ephemeral server (no PREFECT_API_URL): 20 s is borderline on 2 cores; quiet and offline
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # MLflow: no telemetry; fail in seconds instead of minutes of HTTP retries (the buffered logger retries itself)
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    # read once when torch loads: CPU tensors >= 2 MB on huge pages, so that training's freed-memory policy
+    # (sft_core.train.return_freed_memory_to_os) does not pay a page fault per 4 KiB
+    "THP_MEM_ALLOC_ENABLE": "1",
+}
+
+_user_environment: dict[str, str] | None = None
+
+
+def configure_process() -> None:
+    """Set the process defaults (before prefect, mlflow or torch are imported) and remember the user's
+    own environment: libraries write some variables (`mlflow.set_tracking_uri` sets MLFLOW_TRACKING_URI)."""
+    global _user_environment
+    if _user_environment is None:
+        _user_environment = dict(os.environ)
+    for key, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def user_environment(name: str) -> str | None:
+    """A variable as the user set it when the process started (as now, if `configure_process` never ran)."""
+    env = _user_environment if _user_environment is not None else os.environ
+    return env.get(name) or None

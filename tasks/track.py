@@ -1,0 +1,124 @@
+"""Tracking tasks: what the stages produced, into the MLflow run and the registry.
+
+Idempotent, never cached: each checks a marker tag on the run and skips what is already logged,
+so a re-run or a resumed crash never logs twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from sft_core.config import PipelineConfig
+from sft_core.model_card import CardFacts, render_model_card
+from sft_core.stages import Evaluated, Generated, Harnessed, Ingested, Split, Tokenized, Trained, Validated
+from tasks import tracking
+
+HEADLINE = ("eval/loss", "eval/perplexity", "gen/format_ok_rate", "gen/stop_rate", "gen/rouge_l",
+            "base/gen/format_ok_rate")
+
+
+@task(name="track-data")
+def track_data(cfg: PipelineConfig, run_id: str, raw: Ingested, valid: Validated, splits: Split,
+               tokens: Tokenized) -> None:
+    """Config, lineage, validation report + Data Docs, token statistics."""
+    marker = splits.train_digest + tokens.folder
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", marker):
+        return
+    tracking.log_config(cfg, run_id)
+    tracking.log_dataset_inputs(cfg, run_id, splits, raw.location)
+    tracking.log_validation(cfg, run_id, valid.report, valid.docs, valid.quarantine)
+    tracking.log_artifact(cfg, run_id, f"{tokens.folder}/stats.json", "data")
+    tok = tokens.stats
+    tracking.log_metrics(cfg, run_id, {
+        "data/rows_raw": raw.rows, "data/rows_valid": valid.good_rows, "data/rows_quarantined": valid.bad_rows,
+        "data/rows_train": splits.train_rows, "data/rows_val": splits.val_rows,
+        "data/truncated": tok["train"]["truncated"] + tok["val"]["truncated"],
+        "data/train_supervised_tokens": tok["train"]["supervised_tokens"],
+    })
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": marker})
+
+
+@task(name="track-training")
+def track_training(cfg: PipelineConfig, run_id: str, trained: Trained) -> None:
+    """Per-step curves (re-sent if an outage lost any), loss-curve PNG, checkpoints."""
+    marker = f"{trained.folder}:{Path(trained.metrics_file).stat().st_size}"
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.train", marker):
+        return
+    sent = tracking.sync_training_metrics(cfg, run_id, trained.metrics_file)
+    if sent:
+        get_run_logger().info("sent %d training metric points to MLflow that the live logger had not", sent)
+    tracking.log_loss_curve(cfg, run_id, trained.metrics_file)
+    tracking.log_checkpoints(cfg, run_id, trained)
+    tracking.log_metrics(cfg, run_id, {"train/final_loss": trained.train_loss, "train/global_step": trained.global_step,
+                                       "train/seconds": trained.seconds}, step=trained.global_step)
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.train": marker})
+
+
+def final_metrics(evaluated: Evaluated, generated: Generated, base_eval: Evaluated | None = None,
+                  base_gen: Generated | None = None) -> dict[str, float]:
+    """The run's headline figures: `eval/…` and `gen/…` of the fine-tune, `base/eval/…`, `base/gen/…` of its base."""
+    def named(ev: Evaluated, gen: Generated, prefix: str = "") -> dict[str, float]:
+        m = ev.metrics
+        out = {f"{prefix}eval/loss": m["loss"], f"{prefix}eval/perplexity": m["perplexity"],
+               f"{prefix}eval/token_accuracy": m["token_accuracy"]}
+        return out | {f"{prefix}gen/{k}": v for k, v in gen.metrics.items()}
+
+    metrics = named(evaluated, generated)
+    if base_eval and base_gen:
+        metrics |= named(base_eval, base_gen, "base/")
+    return metrics
+
+
+@task(name="track-evaluation")
+def track_evaluation(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict[str, float],
+                     generated: Generated, base_gen: Generated | None) -> None:
+    """Final figures at the last training step (the base's at step 0) and one side-by-side predictions table."""
+    marker = generated.folder + (base_gen.folder if base_gen else "")
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.eval", marker):
+        return
+    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if not k.startswith("base/")},
+                         step=trained.global_step)
+    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if k.startswith("base/")}, step=0)
+    tracking.log_predictions(cfg, run_id, generated.predictions, base_gen.predictions if base_gen else None)
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.eval": marker})
+
+
+@task(name="track-harness")
+def track_harness(cfg: PipelineConfig, run_id: str, trained: Trained, harnessed: Harnessed) -> None:
+    """lm-evaluation-harness figures under `harness/`, its results and samples as artifacts."""
+    if tracking.is_logged(cfg, run_id, "qwen_sft.logged.harness", harnessed.folder):
+        return
+    tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in harnessed.metrics.items()},
+                         step=trained.global_step)
+    tracking.log_artifact(cfg, run_id, harnessed.results, "harness")
+    tracking.log_artifact(cfg, run_id, harnessed.samples, "harness")
+    tracking.set_tags(cfg, run_id, {"qwen_sft.logged.harness": harnessed.folder})
+
+
+def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Trained, metrics: dict[str, float],
+               generated: Generated) -> CardFacts:
+    """What the model card of this run's version says."""
+    lines = Path(generated.predictions).read_text(encoding="utf-8").splitlines()
+    return CardFacts(
+        registered_name=cfg.registry.name, version=None, dataset_digest=raw.digest, train_rows=splits.train_rows,
+        val_rows=splits.val_rows, fine_tuned={k: v for k, v in metrics.items() if not k.startswith("base/")},
+        base={k.removeprefix("base/"): v for k, v in metrics.items() if k.startswith("base/")},
+        samples=[json.loads(x) for x in lines[:3] if x.strip()], train_steps=trained.global_step,
+        selected_by=trained.selected_by,
+    )
+
+
+@task(name="register", retries=2, retry_delay_seconds=[5, 30])
+def register(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict, max_new_tokens: int,
+             facts: CardFacts) -> dict:
+    """Log the model with its card, register a version, alias `candidate`, card as README.md and description."""
+    model_uri = tracking.log_model(cfg, run_id, trained.final_model_dir, max_new_tokens=max_new_tokens,
+                                   card=render_model_card(cfg, facts))
+    headline = {k: metrics[k] for k in HEADLINE if k in metrics}
+    registered = tracking.register(cfg, run_id, model_uri, headline, trained.key)
+    facts.version = registered["version"]
+    tracking.attach_model_card(cfg, model_uri, registered["version"], render_model_card(cfg, facts))
+    return {**registered, "model_uri": model_uri}
