@@ -6,14 +6,16 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench lock clean
 
-$(STAMP): pyproject.toml requirements/torch.txt
+# the exact versions of requirements/lock.txt (`make lock` refreshes it from the ranges in pyproject.toml)
+$(STAMP): pyproject.toml requirements/torch.txt requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU build on disk here, the CUDA build on a GPU box
 	$(PIP) install --quiet -r requirements/torch.txt
-	$(PIP) install --quiet -e ".[dev,eval]"
+	$(PIP) install --quiet -r requirements/lock.txt
+	$(PIP) install --quiet --no-deps -e ".[dev,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +36,12 @@ bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/generate.py
 	$(PY) bench/pipeline.py
+
+# torch stays out of the lock (requirements/torch.txt): its build, and so its dependencies, differ by machine
+lock: $(STAMP)
+	$(PIP) install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --extra dev \
+	    --extra eval -c requirements/torch.txt --unsafe-package torch -o requirements/lock.txt pyproject.toml
 
 clean:
 	rm -rf .qwen-sft mlruns .pytest_cache

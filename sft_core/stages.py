@@ -169,10 +169,9 @@ class Stage:
     retries: int = 0  # for stages that reach the network; nothing else can heal by retrying
 
     def code_version(self) -> str:
-        """A hash of the normalised source of the body, key function, result type and modules."""
-        parts = [_normalised(inspect.getsource(obj)) for obj in (self.body, self.key, self.result)]
-        parts += [_module_source(name) for name in self.modules]
-        return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
+        """A hash of the normalised source of the body, key function, result type and modules, as this process
+        loaded them (computed once per process: a file edited while a run goes on does not relabel its work)."""
+        return _code_version(self.body, self.key, self.result, self.modules)
 
     def key_of(self, cfg: PipelineConfig, **inputs: Any) -> str | None:
         spec = self.key(cfg, **inputs)
@@ -255,18 +254,18 @@ def _normalised(source: str) -> str:
     return ast.unparse(tree)
 
 
+@functools.cache
+def _code_version(body: Callable, key: Callable, result: type, modules: tuple[str, ...]) -> str:
+    parts = [_normalised(inspect.getsource(obj)) for obj in (body, key, result)]
+    parts += [_module_source(name) for name in modules]
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
 def _module_source(name: str) -> str:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         raise ImportError(f"stage module {name} not found")
-    path = Path(spec.origin)
-    stat = path.stat()
-    return _normalised_file(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _normalised_file(path: str, mtime_ns: int, size: int) -> str:  # keyed by mtime and size: an edit re-reads
-    return _normalised(Path(path).read_text(encoding="utf-8"))
+    return _normalised(Path(spec.origin).read_text(encoding="utf-8"))
 
 
 # --- bodies and keys ------------------------------------------------------------------------------------------

@@ -222,13 +222,15 @@ def make_trainer_class():
             only a saved checkpoint can be selected, so generating at other evaluations is wasted)."""
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             if self.generation_check is not None:
-                if self.control.should_save:
+                measured = self.control.should_save
+                if measured:
                     found = self.generation_check.run(self.accelerator.unwrap_model(self.model), self.processing_class)
                 else:
                     found = dict.fromkeys(GENERATION_CHECK_METRICS, float("nan"))
                 found = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
                 metrics.update(found)
-                self.log(found)
+                if measured:
+                    self.log(found)
             return metrics
 
     return SFTTrainer

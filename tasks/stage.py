@@ -102,7 +102,7 @@ class StageRunner:
                                                    refresh, run_id, return_state=True)
         result = state.result()
         cached = state.name == "Cached" or result.reused
-        self.rows.append({"stage": name, "status": "cached" if cached else "ran",
+        self.rows.append({"stage": name, "status": "cached" if cached else "ran", "folder": result.folder,
                           "seconds": round(time.perf_counter() - started, 2), "compute_seconds": result.seconds})
         return result
 
@@ -112,6 +112,6 @@ class StageRunner:
         state = fn(*args, return_state=True, **kwargs)
         out = state.result()
         reused = isinstance(out, dict) and out.get("reused", False)
-        self.rows.append({"stage": name, "status": "cached" if reused else "ran",
+        self.rows.append({"stage": name, "status": "cached" if reused else "ran", "folder": None,
                           "seconds": round(time.perf_counter() - started, 2), "compute_seconds": 0.0})
         return out

@@ -29,10 +29,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+def require(present: bool, what: str) -> None:
+    """Skip a test whose input is missing on a user's clone; in CI (CI=true) that input is there, so its absence
+    is a failure, never a silent skip."""
+    if present:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is missing in CI, where it must be present")
+    pytest.skip(f"{what} is not on this machine")
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
-    if not (QWEN_TOKENIZER / "tokenizer.json").exists():
-        pytest.skip("the real Qwen2.5 tokenizer is not in ../shared on this machine")
+    require((QWEN_TOKENIZER / "tokenizer.json").exists(), "the real Qwen2.5 tokenizer (../shared/qwen2.5-tokenizer)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
@@ -40,8 +49,7 @@ def qwen_tokenizer():
 
 @pytest.fixture(scope="session")
 def real_rows() -> list[dict]:
-    if not REAL_ROWS.exists():
-        pytest.skip("../shared/data has no real dataset sample on this machine")
+    require(REAL_ROWS.exists(), "the real dataset sample (../shared/data)")
     import json
 
     return [json.loads(x) for x in REAL_ROWS.read_text(encoding="utf-8").splitlines() if x.strip()]

@@ -223,3 +223,26 @@ def test_in_process_runs_skip_heartbeats_only_against_the_ephemeral_server():
             assert get_current_settings().flows.heartbeat_frequency is None
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert in_process_settings() == {}
+
+
+def test_refresh_after_two_plain_runs_reruns_every_stage_and_keeps_the_registry_consistent(first, workdir, server):
+    """`run --refresh` redoes every stage even once Prefect holds cache records for all of them (after two plain
+    runs it did not: the records ignored refresh); the MLflow run continues and an identical result registers no
+    second version."""
+    cfg, summary, _ = first
+    plain, _ = _run(cfg)  # two plain runs by now: every stage has a Prefect cache record
+    assert {r["status"] for r in plain["stages"]} == {"cached"}
+    done_before = {p: p.stat().st_mtime_ns for p in workdir.glob("*/*/_DONE.json")}
+    c = _client(server)
+    versions = len(c.search_model_versions("name = 'flow-test-model'"))
+    refreshed, _ = _run(cfg, refresh=True)
+    statuses = {r["stage"]: r["status"] for r in refreshed["stages"]}
+    assert all(statuses[s] == "ran" for s in statuses if s != "register"), statuses
+    rewritten = {p.parent for p, mtime in done_before.items() if p.exists() and p.stat().st_mtime_ns != mtime}
+    used = {Path(r["folder"]) for r in refreshed["stages"] if r["folder"]}
+    assert used == {Path(r["folder"]) for r in plain["stages"] if r["folder"]}, "the same folders, rewritten"
+    assert used <= rewritten, "each stage folder of this config was rewritten"
+    assert refreshed["run_id"] == summary["run_id"] and refreshed["retrained"]
+    assert refreshed["registered"]["version"] == summary["registered"]["version"], "same train key: same version"
+    assert len(c.search_model_versions("name = 'flow-test-model'")) == versions
+    assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == list(range(1, 25))

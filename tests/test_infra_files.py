@@ -265,3 +265,34 @@ def test_docker_pool_requests_gpus_docker_py_accepts():
     assert host["DeviceRequests"][0]["Driver"] == "nvidia"
     assert host["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
     assert host["DeviceRequests"][0]["Count"] == -1  # all GPUs, like `docker run --gpus all`
+
+
+# --- the reproducible install -------------------------------------------------------------------
+
+def test_the_lock_pins_every_dependency_and_every_install_uses_it():
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *[d for extra in project["optional-dependencies"].values() for d in extra]]
+    lock = (REPO / "requirements" / "lock.txt").read_text()
+    pinned = {m.group(1).lower().replace("_", "-"): m.group(2)
+              for m in re.finditer(r"^([A-Za-z0-9_.\-]+)==(\S+)$", lock, re.MULTILINE)}
+    for requirement in wanted:
+        name = re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        if name == "torch":  # pinned in requirements/torch.txt: its build, and its dependencies, differ by machine
+            assert "torch" not in pinned and (REPO / "requirements" / "torch.txt").read_text().strip() == "torch==2.13.0"
+            continue
+        assert name in pinned, f"{name} is not in requirements/lock.txt (make lock)"
+    assert pinned["mlflow"] == "3.17.2", "STACK.md: 3.18.0's skinny package is missing"
+    assert "requirements/lock.txt" in (REPO / "Makefile").read_text()
+    assert "make install" in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_image_installs_the_wheel_and_no_source_tree():
+    text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    build, final = text.split("\nFROM ", 2)[1:]
+    assert "pip wheel" in build
+    assert "requirements/lock.txt" in final and "--no-deps /tmp/dist/*.whl" in final
+    copied = [line.split()[1] for line in final.splitlines() if line.startswith("COPY") and "--from" not in line]
+    assert all(path.startswith("requirements/") for path in copied), copied

@@ -181,7 +181,11 @@ def test_gate_refuses_a_candidate_that_does_not_beat_its_base(tmp_path):
 
 def test_harness_generates_what_the_pipeline_generates(tmp_path, tiny_model_dir):
     """Same rows, same chat template, greedy, same stop tokens: lm-eval's texts and format flags are ours."""
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional '.[eval]' extra")
+    import importlib.util
+
+    from tests.conftest import require
+
+    require(importlib.util.find_spec("lm_eval") is not None, "lm-evaluation-harness (the '.[eval]' extra)")
     from sft_core.data import BUNDLED_SAMPLE, read_jsonl
     from sft_core.generate import generate_answers, generation_metrics
     from sft_core.harness import run_harness

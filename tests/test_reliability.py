@@ -297,12 +297,27 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     assert result["bytes"] >= 2000
 
 
-def test_checkpoints_rotate(tmp_path: Path):
-    from sft_core.train import build_training_args
+def test_checkpoints_rotate_and_the_selected_one_survives(tmp_path: Path, tiny_model_dir: Path):
+    """save_total_limit bounds the disk a training run uses; the checkpoint selection picked is never rotated away."""
+    from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+    from sft_core.modeling import load_tokenizer
+    from sft_core.tokenize import tokenize_rows
+    from sft_core.train import run_training
 
-    cfg = load_config("demo", ["train.save_total_limit=2"])
-    args = build_training_args(cfg.train, tmp_path, device="cpu", bf16=False, has_eval=True, best_metric="eval_loss")
-    assert args.save_total_limit == 2 and args.load_best_model_at_end
+    rows = [{"question": r["question"][:20], "think": r["think"][:12], "answer": r["answer"][:8]}
+            for r in read_jsonl(BUNDLED_SAMPLE)[:4]]
+    ds, _ = tokenize_rows(rows, load_tokenizer(tiny_model_dir), system_prompt="s", max_length=128)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    common = ["train.device=cpu", "train.max_steps=10", "train.save_steps=2", "train.eval_steps=2",
+              "train.save_total_limit=2", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
+              "train.learning_rate=1e-2"]
+    last = run_training(load_config("demo", [*common, "train.metric_for_best_model=none"]), model_dir=tiny_model_dir,
+                        train_data=tmp_path / "ds", eval_data=tmp_path / "ds", output_dir=tmp_path / "last")
+    assert sorted(p.name for p in (tmp_path / "last").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-8"]
+    best = run_training(load_config("demo", [*common, "train.metric_for_best_model=loss"]), model_dir=tiny_model_dir,
+                        train_data=tmp_path / "ds", eval_data=tmp_path / "ds", output_dir=tmp_path / "best")
+    kept = sorted((tmp_path / "best").glob("checkpoint-*"))
+    assert len(kept) <= 3 and Path(best.best_checkpoint) in kept, (best.best_checkpoint, kept)
 
 
 # --- 6. security --------------------------------------------------------------------------

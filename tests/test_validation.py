@@ -104,8 +104,7 @@ def test_data_docs_are_built_next_to_the_report(clean: ValidationResult):
     assert "medical_sample.jsonl" in html and "values must be unique" in html
 
 
-@pytest.mark.skipif(not REAL_SAMPLE.exists(), reason="shared real-data sample not present")
-def test_real_dataset_sample_validates_clean():
+def test_real_dataset_sample_validates_clean(real_rows):
     loaded = load_rows(str(REAL_SAMPLE))
     assert loaded.extra_columns == ["instruction", "metrics"]
     result = validate_rows(loaded.rows, source_name=loaded.location, row_numbers=loaded.row_numbers)

@@ -1,0 +1,168 @@
+"""The stage declarations: one record per stage, a derived code version, typed results, _DONE.json as the record."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sft_core.config import load_config
+from sft_core.stages import DONE, STAGES, Evaluated, read_done, run_in_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_stage_is_declared_once_with_a_result_type_and_its_modules():
+    assert list(STAGES) == ["ingest", "validate", "split", "base-model", "tokenize", "train", "evaluate", "generate",
+                            "evaluate-base", "generate-base", "harness"]
+    for name, stage in STAGES.items():
+        assert stage.name == name and len(stage.code_version()) == 16
+        for module in stage.modules:
+            assert module.startswith("sft_core."), (name, module)
+    assert {"sft_core.train", "sft_core.loss"} <= set(STAGES["train"].modules)
+    assert [s.name for s in STAGES.values() if s.keep_partial] == ["train"], "only training resumes from a partial folder"
+    assert {s.name for s in STAGES.values() if s.retries} == {"ingest", "base-model"}, "only what reaches a network"
+
+
+def _write(path: Path, text: str) -> None:
+    """Edit a module, as between two runs: code versions are computed once per process, so start afresh."""
+    from sft_core import stages
+
+    path.write_text(text, encoding="utf-8")
+    stages._code_version.cache_clear()
+
+
+def test_a_changed_line_of_training_code_retrains_and_a_comment_does_not(tmp_path, monkeypatch):
+    """The train stage's key covers the code it runs: editing a line of it gives a new folder (training runs
+    again); a comment, a docstring or reformatting gives the same one (training is cached)."""
+    probe = tmp_path / "probe_train_code.py"
+    _write(probe, 'def lr_scale(x):\n    """How the learning rate is scaled."""\n    return x * 1.0\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = dataclasses.replace(STAGES["train"], modules=(*STAGES["train"].modules, "probe_train_code"))
+    cfg = load_config("demo", [f"workdir={tmp_path / 'work'}"])
+    inputs = _train_inputs()
+    first = stage.key_of(cfg, **inputs)
+
+    _write(probe, 'def lr_scale(x):  # a comment\n    """Another docstring."""\n\n    return (x\n            * 1.0)\n')
+    assert stage.key_of(cfg, **inputs) == first, "comments, docstrings and formatting do not count"
+    _write(probe, 'def lr_scale(x):\n    return x * 2.0\n')
+    assert stage.key_of(cfg, **inputs) != first, "a changed line of code does"
+
+
+def _train_inputs() -> dict:
+    from sft_core.stages import BaseModel, Split, Tokenized
+
+    splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t",
+                   val_digest="v")
+    return {"tokens": Tokenized(key="k", folder="f", train_ds="t", val_ds="v", stats={}), "splits": splits,
+            "model": BaseModel(key="m", folder="f", model_dir="m"), "max_new_tokens": 64}
+
+
+def test_a_changed_stage_runs_again_into_a_new_folder_and_an_unchanged_one_is_reused(tmp_path, monkeypatch):
+    """End to end on a real stage (split): the same code reuses the folder; new code writes a new one."""
+    from sft_core.stages import Validated
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = tmp_path / "probe_split_code.py"
+    _write(probe, "X = 1\n")
+    cfg = load_config("demo", [f"workdir={tmp_path / 'work'}"])
+    rows = tmp_path / "valid.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "think": "t", "answer": "a"}) + "\n" for i in range(20)))
+    valid = Validated(key="v", folder=str(tmp_path), valid=str(rows), digest="d", good_rows=20, bad_rows=0)
+    stage = dataclasses.replace(STAGES["split"], modules=(*STAGES["split"].modules, "probe_split_code"))
+    first = stage.run(cfg, valid=valid)
+    assert not first.reused and first.train_rows == 18 and first.val_rows == 2
+    again = stage.run(cfg, valid=valid)
+    assert again.reused and again == first
+    _write(probe, "X = 1  # only a comment\n")
+    assert stage.run(cfg, valid=valid).reused
+    _write(probe, "X = 2\n")
+    changed = stage.run(cfg, valid=valid)
+    assert not changed.reused and changed.folder != first.folder
+
+
+def test_done_is_the_one_record_and_a_foreign_or_stale_record_is_not_trusted(tmp_path):
+    folder = tmp_path / "evaluate" / "k"
+    ran = []
+
+    def body(f: Path) -> Evaluated:
+        ran.append(1)
+        return Evaluated(key="k", folder=str(f), metrics={"loss": 2.0})
+
+    first = run_in_folder(folder, body, Evaluated)
+    assert json.loads((folder / DONE).read_text())["metrics"] == {"loss": 2.0} and "reused" not in (folder / DONE).read_text()
+    assert read_done(folder, Evaluated) == first
+    (folder / DONE).write_text(json.dumps({"key": "k", "folder": str(folder)}))  # a record older code wrote
+    assert read_done(folder, Evaluated) is None
+    again = run_in_folder(folder, body, Evaluated)
+    assert not again.reused and len(ran) == 2, "a record that does not parse as the result type is redone"
+    assert run_in_folder(folder, body, Evaluated, refresh=True).reused is False and len(ran) == 3
+
+
+# --- rooms and process set-up ------------------------------------------------------------------
+
+def test_importing_the_product_changes_no_environment_variable():
+    code = ("import os; before = dict(os.environ)\n"
+            "import flows.cli, flows.finetune, flows.deploy, flows.promote, tasks.stage, tasks.track, tasks.tracking\n"
+            "import sft_core.stages, sft_core.train, sft_core.launch, sft_core.generate, sft_core.harness\n"
+            "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+            "print(sorted(changed))")
+    env = {k: v for k, v in os.environ.items() if k not in __import__("sft_core.process").process.PROCESS_DEFAULTS}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_no_module_writes_the_environment_at_its_top_level():
+    offenders = []
+    for package in ("sft_core", "tasks", "flows"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    continue
+                src = ast.unparse(node)
+                if "os.environ" in src and ("setdefault" in src or "] =" in src or ".update(" in src):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_only_the_tracking_package_imports_mlflow_and_the_library_imports_no_orchestration():
+    def imports(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+        return found
+
+    for path in REPO.joinpath("sft_core").rglob("*.py"):
+        assert not imports(path) & {"prefect", "mlflow", "tasks", "flows"}, path
+    for package in ("tasks", "flows"):
+        for path in REPO.joinpath(package).rglob("*.py"):
+            if "tracking" not in path.relative_to(REPO).parts:
+                assert "mlflow" not in imports(path), path
+
+
+def test_the_cli_and_the_deploy_module_do_not_import_each_other():
+    deploy = (REPO / "flows" / "deploy.py").read_text(encoding="utf-8")
+    assert "flows.cli" not in deploy
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flows.cli"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0
+    loaded = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line]
+    assert "flows.deploy" not in loaded and "prefect" not in loaded, "the CLI imports orchestration only when a command needs it"
+
+
+@pytest.mark.parametrize("name", ["demo", "qwen2.5-1.5b-medical"])
+def test_presets_are_read_from_the_package(name):
+    from importlib import resources
+
+    assert (resources.files("sft_core.configs") / f"{name}.yaml").is_file()
+    assert load_config(name) == load_config(f"configs/{name}.yaml")
