@@ -96,11 +96,11 @@ def time_server_start() -> tuple[float, float]:
     return times[0], times[1]
 
 
-def run_flow(cfg) -> tuple[float, dict]:
-    from flows.finetune import run_in_process
+def run_flow(cfg, args_config: str) -> tuple[float, dict]:
+    from flows.finetune import run_config
 
     start = time.perf_counter()
-    summary = run_in_process(cfg.model_dump(mode="json"))  # as `qwen-sft run` runs it
+    summary = run_config(cfg, preset=args_config)  # as `qwen-sft run -c <preset> --set ...` runs it
     return time.perf_counter() - start, summary
 
 
@@ -120,13 +120,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     torch_s = time.perf_counter() - t0
     noop_cold, noop_warm = time_server_start()
     time.sleep(args.settle)  # as before each re-run (below)
-    first_s, first = run_flow(cfg)
+    first_s, first = run_flow(cfg, args.config)
     cached = []
     for _ in range(max(1, args.repeats)):
         # a re-run is a later invocation, not one that starts while the ephemeral server still writes
         # the last run's events: then its SQLite store answers 503 and Prefect's client retries in 2 s
         time.sleep(args.settle)
-        cached.append(run_flow(cfg))
+        cached.append(run_flow(cfg, args.config))
     rows = first["stages"]
     compute = sum(r["compute_seconds"] for r in rows if r["status"] == "ran")
     around = sum(r["seconds"] - r["compute_seconds"] for r in rows if r["status"] == "ran")

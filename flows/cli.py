@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from sft_core.config import PipelineConfig, load_config
+from sft_core.config import PipelineConfig, load_config, redact_uri
 from sft_core.errors import SftError
 from sft_core.model_card import fmt
 
@@ -27,8 +27,13 @@ console = Console()
 err = Console(stderr=True)
 _DEBUG = {"on": False}
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML preset path or name (e.g. demo).")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a key: section.key=value (repeatable).")
+DEFAULT_PRESET = "qwen2.5-1.5b-medical"
+ConfigOpt = typer.Option(None, "--config", "-c", help=f"A preset name (demo, {DEFAULT_PRESET}: the default) or a YAML "
+                                                      "file path.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a key: section.key=value (repeatable). A text setting takes "
+                                                "the value as written (paths with '#' or ': ' included; 'null' is "
+                                                "None; quotes are removed); other settings read it as YAML "
+                                                "(5e-5, true, [1, 2], auto).")
 
 
 @app.callback()
@@ -39,8 +44,8 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) 
     _DEBUG["on"] = debug or os.environ.get("QWEN_SFT_DEBUG") == "1"
 
 
-def _config(config: Optional[str], overrides: Optional[list[str]], default: str | None = None) -> PipelineConfig:
-    return load_config(config or default, overrides or [])
+def _config(config: Optional[str], overrides: Optional[list[str]]) -> PipelineConfig:
+    return load_config(config or DEFAULT_PRESET, overrides or [])
 
 
 def _fail(exc: BaseException) -> None:
@@ -260,7 +265,10 @@ def run(
     check_reachable(cfg)
     from flows.finetune import run_in_process
 
-    summary = run_in_process(cfg.model_dump(mode="json"), refresh=refresh)
+    preset = config or DEFAULT_PRESET
+    if Path(preset).is_file():  # a file of the user's: the flow reads the same file
+        preset = str(Path(preset).resolve())
+    summary = run_in_process(preset, list(set_ or []), refresh=refresh)
     table = Table(title="finetune")
     table.add_column("stage")
     table.add_column("status")
@@ -280,9 +288,13 @@ def run(
     if not summary["retrained"]:
         console.print("[yellow]data and config unchanged: training was skipped (cached)[/]")
     if summary["registered"]:
-        r = summary["registered"]
-        console.print(f"registered [bold]{r['name']}[/] version {r['version']} -> @{r['alias']}")
-    console.print(f"MLflow run {summary['run_id']}: {summary['run_url']}")
+        from flows.finetune import registration_line
+
+        console.print(registration_line(summary["registered"]).replace("`", ""))
+    console.print(f"MLflow run {summary['run_id']}:")
+    console.print(summary["run_url"], soft_wrap=True, highlight=False)  # one line, never wrapped: it is copied
+    if summary["needs_local_ui"]:
+        console.print("[dim](the embedded store's UI: start it with `qwen-sft ui`)[/]")
 
 
 @app.command()
@@ -323,22 +335,19 @@ def ui(
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the configured store."""
-    import subprocess
-
-    from tasks.tracking import artifact_root, tracking_uri
+    """Start the MLflow UI on 127.0.0.1 for the configured store (one light process; Ctrl-C stops it)."""
+    from tasks.tracking import tracking_uri
+    from tasks.tracking.serving import ui_command
 
     cfg = _config(config, set_)
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
-        console.print(f"the tracking server is already a UI: {uri}")
+        console.print(f"the tracking server is already a UI: {redact_uri(uri)}")
         return
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri]
-    if artifact_root(cfg):
-        cmd += ["--default-artifact-root", artifact_root(cfg)]
+    argv, env = ui_command(cfg, port)
     console.print(f"MLflow UI on http://127.0.0.1:{port} (store {uri}); Ctrl-C stops it")
-    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}))
-
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)  # the server takes this process's place: one process less to hold memory
 
 
 @app.command()
@@ -378,15 +387,16 @@ def deploy_cmd(
     pool: Optional[str] = typer.Option(None, "--pool", help="Work pool (default: schedule.work_pool; a process "
                                                             "pool is created when missing)."),
     name: Optional[str] = NameOpt,
-    source: Optional[str] = typer.Option(None, "--source", help="Folder the worker starts runs in "
-                                                                "(default: this checkout; /app in the image)."),
+    working_dir: Optional[str] = typer.Option(None, "--working-dir", help="Folder a process worker starts runs in "
+                                                                          "(default: the worker's own; /app in the "
+                                                                          "image)."),
     paused: bool = typer.Option(False, "--paused", help="Register with the schedule paused."),
 ) -> None:
     """Register the scheduled `finetune` deployment with the Prefect server in PREFECT_API_URL."""
     from flows.deploy import deploy
 
-    cfg = _config(config, set_)
-    d = deploy(cfg, cron=cron, timezone=timezone, pool=pool, name=name, source=source, paused=paused)
+    d = deploy(config or DEFAULT_PRESET, list(set_ or []), cron=cron, timezone=timezone, pool=pool, name=name,
+               working_dir=working_dir, paused=paused)
     console.print(f"deployment [bold]{d['name']}[/] ({d['id']}) on {d['api_url']}")
     console.print(f"schedule: cron '{d['cron']}' {d['timezone']}{' (paused)' if paused else ''}; "
                   f"concurrency limit 1 (later runs wait)")
@@ -404,10 +414,10 @@ def serve_cmd(
     timezone: Optional[str] = TzOpt,
     name: Optional[str] = NameOpt,
 ) -> None:
-    """Run the retraining schedule in the foreground (one box, no worker); Ctrl-C stops it."""
+    """Run the retraining schedule in the foreground (one box, no worker); Ctrl-C or SIGTERM stops it."""
     from flows.deploy import serve
 
-    serve(_config(config, set_), cron=cron, timezone=timezone, name=name)
+    serve(config or DEFAULT_PRESET, list(set_ or []), cron=cron, timezone=timezone, name=name)
 
 
 @app.command("serve-model")

@@ -5,29 +5,29 @@
     qwen-sft serve -c demo                       # one box: schedule + runs in this process
     qwen-sft serve-model --alias production      # POST /invocations {"inputs": ["question"]}
 
-A deployment's parameters are the resolved config, so a scheduled run is exactly
-`qwen-sft run` with that config: unchanged data and config skip training (cached), new
-data retrains and registers a new `candidate`, `registry.auto_promote` gates it into
-`production`. One retraining per deployment at a time: concurrency limit 1, later runs
-wait in the queue (ENQUEUE).
+A deployment's parameters are what a user types: the preset (`config`), its `--set`
+`overrides` and `refresh`, so a custom run from the Prefect UI edits a list, not a JSON
+config, and a scheduled run is exactly `qwen-sft run -c <config> --set ...`: unchanged data
+and config skip training (cached), new data retrains and registers a new `candidate`,
+`registry.auto_promote` gates it into `production`. One retraining per deployment at a
+time: concurrency limit 1, later runs wait in the queue (ENQUEUE). The entrypoint is the
+installed module (`flows.finetune.finetune`): a worker needs the package, not a checkout.
+`serve` registers its own deployment (`<name>-serve`), so stopping it pauses nothing of
+`deploy`'s.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig, flatten, redact
+from sft_core.config import PipelineConfig, flatten, load_config, redact
 from sft_core.errors import ConfigError, OrchestrationError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ENTRYPOINT = "flows/finetune.py:finetune"  # relative to the repository root, where the worker runs it
+ENTRYPOINT = "flows.finetune.finetune"  # the installed module: a worker needs the package, not a checkout
 POOL_TYPE = "process"
-
 
 
 # --- what a deployment is made of ---------------------------------------------------------------
@@ -36,16 +36,26 @@ def deployment_name(cfg: PipelineConfig) -> str:
     return f"finetune-{cfg.name}"
 
 
-def deployment_parameters(cfg: PipelineConfig) -> dict[str, Any]:
-    """`finetune` parameters: the resolved config. Refuses credentials (Prefect stores parameters in clear)."""
+def served_name(cfg: PipelineConfig) -> str:
+    """`qwen-sft serve`'s own deployment: never the one `deploy` registered (stopping serve pauses only its own)."""
+    return f"{deployment_name(cfg)}-serve"
+
+
+def deployment_parameters(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """`finetune` parameters: the preset, its overrides, refresh off; checked as `qwen-sft run` checks them.
+
+    Refuses credentials: Prefect stores parameters in clear text.
+    """
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides)  # a bad key or value fails here, with the CLI's message
     dump = cfg.model_dump(mode="json")
     plain, masked = flatten(dump), flatten(redact(dump))
     secret = sorted(k for k in plain if plain[k] != masked[k])
     if secret:
         raise ConfigError(f"config key(s) {', '.join(secret)} hold a credential; deployment parameters are stored in "
-                          "clear text in the Prefect database: give the worker MLFLOW_TRACKING_USERNAME/"
-                          "MLFLOW_TRACKING_PASSWORD in its environment instead")
-    return {"config": dump, "refresh": False}
+                          "clear text in the Prefect database: give the worker MLFLOW_TRACKING_URI (and "
+                          "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD) in its environment instead")
+    return {"config": config, "overrides": overrides, "refresh": False}
 
 
 def deployment_tags(cfg: PipelineConfig) -> list[str]:
@@ -125,34 +135,29 @@ def ensure_work_pool(name: str) -> bool:
 
 # --- deploy / serve --------------------------------------------------------------------------------
 
-def default_source() -> Path:
-    """The repository checkout this code runs from; with a non-editable install (the Docker
-    image), the current folder when it holds the flow (the image's /app)."""
-    if (REPO_ROOT / "pyproject.toml").exists() or not (Path.cwd() / ENTRYPOINT.split(":")[0]).exists():
-        return REPO_ROOT
-    return Path.cwd()
-
-
 def deploy(
-    cfg: PipelineConfig,
+    config: str,
+    overrides: list[str] | None = None,
     *,
     cron: str | None = None,
     timezone: str | None = None,
     pool: str | None = None,
     name: str | None = None,
-    source: str | Path | None = None,
+    working_dir: str | Path | None = None,
     paused: bool = False,
 ) -> dict[str, Any]:
-    """Register (or update) the scheduled `finetune` deployment for `cfg` on the Prefect server.
+    """Register (or update) the scheduled `finetune` deployment of `config` + `overrides` on the Prefect server.
 
-    `source` is the repository folder as the worker sees it (default: this checkout); the
-    worker starts each run there, so a relative `workdir` lands in that folder.
+    `working_dir` is where a process worker starts each run (a relative `workdir` lands there);
+    default: the worker's own folder. Container pools start in the image's /app.
     """
-    from prefect.runner.storage import LocalStorage
+    from prefect.types.entrypoint import EntrypointType
 
     from flows.finetune import finetune
 
-    schedule, parameters = cron_schedule(cfg, cron, timezone), deployment_parameters(cfg)  # local checks first
+    parameters = deployment_parameters(config, overrides)  # local checks first
+    cfg = load_config(config, overrides or [])
+    schedule = cron_schedule(cfg, cron, timezone)
     api = prefect_api_url()
     pool = pool or cfg.schedule.work_pool
     created = ensure_work_pool(pool)
@@ -166,28 +171,44 @@ def deploy(
         description=f"Scheduled retraining of {cfg.registry.name} ({cfg.name}); a run with unchanged data and "
                     "config skips training.",
         work_pool_name=pool,
+        job_variables={"working_dir": str(Path(working_dir).resolve())} if working_dir else None,
+        entrypoint_type=EntrypointType.MODULE_PATH,
         paused=paused,
     )
-    deployment.entrypoint = ENTRYPOINT
-    deployment.storage = LocalStorage(path=str(Path(source) if source else default_source()))
     try:
         deployment_id = deployment.apply(work_pool_name=pool)
     except Exception as exc:
         raise OrchestrationError(f"could not register deployment 'finetune/{name}' on {api}: {exc}") from exc
     return {"id": str(deployment_id), "name": f"finetune/{name}", "work_pool": pool, "pool_created": created,
             "cron": schedule.cron, "timezone": schedule.timezone, "api_url": api, "concurrency_limit": 1,
-            "tags": deployment_tags(cfg)}
+            "tags": deployment_tags(cfg), "entrypoint": deployment.entrypoint}
 
 
-def serve(cfg: PipelineConfig, *, cron: str | None = None, timezone: str | None = None, name: str | None = None) -> None:
-    """Run the schedule and its flow runs in this process until interrupted (Prefect's `serve`)."""
+def serve(config: str, overrides: list[str] | None = None, *, cron: str | None = None, timezone: str | None = None,
+          name: str | None = None) -> None:
+    """Run the schedule and its flow runs in this process until interrupted (Prefect's `serve`), under a
+    deployment of its own; SIGTERM stops it as Ctrl-C does."""
+    import signal
+
     from flows.finetune import finetune
 
-    finetune.serve(
-        name=name or deployment_name(cfg),
-        schedules=[cron_schedule(cfg, cron, timezone)],
-        global_limit=concurrency_limit(),
-        parameters=deployment_parameters(cfg),
-        tags=deployment_tags(cfg),
-        description=f"Scheduled retraining of {cfg.registry.name} ({cfg.name}), served from one process.",
-    )
+    parameters = deployment_parameters(config, overrides)
+    cfg = load_config(config, overrides or [])
+
+    def stop(_signum, _frame):  # Prefect's runner shuts down on KeyboardInterrupt, not on SIGTERM
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        finetune.serve(
+            name=name or served_name(cfg),
+            schedules=[cron_schedule(cfg, cron, timezone)],
+            global_limit=concurrency_limit(),
+            parameters=parameters,
+            tags=deployment_tags(cfg),
+            description=f"Scheduled retraining of {cfg.registry.name} ({cfg.name}), served from one process.",
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

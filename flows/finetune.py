@@ -11,48 +11,74 @@ idempotent. One MLflow run per (config, data): a re-run or a resumed crash conti
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from pydantic import Field
 
-from sft_core.config import PipelineConfig
+from sft_core.config import PipelineConfig, load_config, overrides_between, redact_uri
 from sft_core.preflight import preflight
 from sft_core.process import configure_process
-from sft_core.sources import parse_data_source, parse_model_source
 from sft_core.stages import generation_budget
 from tasks import track, tracking
 from tasks.stage import StageRunner
 
+ConfigRef = Annotated[str, Field(description="A preset shipped with the package (demo, qwen2.5-1.5b-medical) or the "
+                                             "path of a YAML file on the machine that runs the flow.")]
+Override = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=",
+                                description="section.key=value, as `qwen-sft run --set` takes it "
+                                            "(e.g. train.learning_rate=5e-5).")]
+MACHINE_KEYS = ("workdir", "tracking.", "schedule.")  # where a run lands, not what it computes: left out of names
 
-def run_name(cfg: PipelineConfig) -> str:
-    return (f"{parse_model_source(cfg.model.source).name}--{parse_data_source(cfg.data.source).name}--"
-            f"{cfg.config_hash()[:8]}")
+
+def describe(config: str, overrides: list[str] | None) -> str:
+    """`demo train.learning_rate=0.001`: the preset (or file) and the overrides that change what it computes."""
+    import json
+
+    def shown(override: str) -> str:
+        key, value = override.split("=", 1)
+        try:
+            value = json.loads(value) if value.startswith('"') else value  # a quoted text value reads unquoted
+        except ValueError:
+            pass
+        return f"{key}={value}"
+
+    kept = [shown(o) for o in overrides or [] if not o.split("=", 1)[0].startswith(MACHINE_KEYS)]
+    return " ".join([Path(config).name.removesuffix(".yaml"), *kept])
 
 
 def _flow_run_name() -> str:
-    return run_name(PipelineConfig.model_validate(flow_run.parameters["config"]))
+    params = flow_run.parameters
+    return f"{describe(params['config'], params.get('overrides'))} · {datetime.now():%Y-%m-%d %H:%M:%S}"
 
 
 @flow(name="finetune", flow_run_name=_flow_run_name, persist_result=True)
-def finetune(config: dict, refresh: bool = False) -> dict:
-    """Fine-tune, evaluate, and register a candidate for one resolved config."""
+def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh: bool = False) -> dict:
+    """Fine-tune, evaluate, and register a candidate: the preset `config` with `overrides`, as `qwen-sft run`.
+
+    A bad key or value fails the run at once with the message `qwen-sft run` prints.
+    """
     configure_process()
     log = get_run_logger()
-    cfg = PipelineConfig.model_validate(config)
+    cfg = load_config(config, overrides or [])
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
     tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
     stage = StageRunner(cfg, refresh=refresh)
 
     raw = stage("ingest")
-    # the MLflow run starts in the background: the data stages below do not need it
+    # the MLflow run starts in the background: the data stages below do not need it. One run per (config, data,
+    # code): a code change computes new results, so it is a new run, not more points in an old one
+    run_key = f"{cfg.config_hash()}-{raw.digest[:16]}-{code_fingerprint()[:8]}"
     background = ThreadPoolExecutor(1, thread_name_prefix="mlflow-run")
-    pending = background.submit(tracking.start_or_resume_run, cfg, f"{cfg.config_hash()}-{raw.digest[:16]}",
-                                run_name(cfg), _run_tags(cfg, raw.digest))
+    pending = background.submit(tracking.start_or_resume_run, cfg, run_key, describe(config, overrides),
+                                _run_tags(cfg, raw.digest, config, overrides), str(flow_run.id))
     background.shutdown(wait=False)
-    run_id = None
+    handle = None
     try:
         valid = stage("validate", raw=raw)
         splits = stage("split", valid=valid)
@@ -62,8 +88,9 @@ def finetune(config: dict, refresh: bool = False) -> dict:
         if budget.warning:
             log.warning(budget.warning)
         new_tokens = budget.max_new_tokens
-        run_id, resumed = pending.result()
-        log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
+        handle = pending.result()
+        run_id = handle.run_id
+        log.info("MLflow run %s (%s) at %s", run_id, "continued" if handle.resumed else "new", redact_uri(uri))
         track.track_data(cfg, run_id, raw, valid, splits, tokens)
         trained = stage("train", tokens=tokens, splits=splits, model=base, max_new_tokens=new_tokens, run_id=run_id)
         track.track_training(cfg, run_id, trained)
@@ -83,21 +110,25 @@ def finetune(config: dict, refresh: bool = False) -> dict:
             track.track_harness(cfg, run_id, trained, harnessed)
             metrics |= {f"harness/{k}": v for k, v in harnessed.metrics.items()}
         promoted = None
-        if registered and cfg.registry.auto_promote:
+        if registered and registered["reused"]:
+            log.info("version %s was registered by an earlier run of this config and data: no alias moved (%s)",
+                     registered["version"], _aliases_line(registered["aliases"]))
+        elif registered and cfg.registry.auto_promote:
             from flows.promote import promote_gate
 
             promoted = promote_gate(cfg, reason="auto_promote after retraining")
-        tracking.set_tags(cfg, run_id, {"prefect.flow_run_id": str(flow_run.id), "qwen_sft.stages": _stage_summary(stage.rows)})
-        tracking.end_run(cfg, run_id, "FINISHED")
-    except BaseException:
-        run_id = run_id or _started_run(pending)
-        if run_id:
-            tracking.end_run(cfg, run_id, "FAILED")
+        tracking.set_tags(cfg, run_id, {"qwen_sft.stages": _stage_summary(stage.rows)})
+        tracking.end_run(cfg, handle, "FINISHED")
+    except BaseException as exc:
+        handle = handle or _started_run(pending)
+        if handle:
+            tracking.end_run(cfg, handle, "FAILED", redact_uri(f"{type(exc).__name__}: {exc}")[:500])
         raise
     retrained = any(r["stage"] == "train" and r["status"] == "ran" for r in stage.rows)
     if not retrained:
         log.info("data digest and config unchanged since the last run: training skipped (cached)")
-    summary = {"run_id": run_id, "run_url": tracking.run_url(cfg, run_id), "tracking_uri": uri, "stages": stage.rows,
+    summary = {"run_id": run_id, "run_url": tracking.run_url(cfg, run_id), "tracking_uri": redact_uri(uri),
+               "needs_local_ui": tracking.needs_local_ui(cfg), "stages": stage.rows,
                "metrics": metrics, "registered": registered, "promoted": promoted, "retrained": retrained,
                "dataset_digest": raw.digest, "config_hash": cfg.config_hash(), "train_steps": trained.global_step}
     create_markdown_artifact(markdown=_markdown(cfg, summary), key="finetune-summary",
@@ -105,7 +136,7 @@ def finetune(config: dict, refresh: bool = False) -> dict:
     return summary
 
 
-def run_in_process(config: dict, refresh: bool = False) -> dict:
+def run_in_process(config: str, overrides: list[str] | None = None, refresh: bool = False) -> dict:
     """Run the `finetune` flow in this process, as `qwen-sft run` does.
 
     Against Prefect's ephemeral server (no API URL configured), flow-run heartbeats are off:
@@ -116,7 +147,12 @@ def run_in_process(config: dict, refresh: bool = False) -> dict:
     from prefect.settings import temporary_settings
 
     with temporary_settings(updates=in_process_settings()):
-        return finetune(config=config, refresh=refresh)
+        return finetune(config=config, overrides=list(overrides or []), refresh=refresh)
+
+
+def run_config(cfg: PipelineConfig, preset: str = "demo", refresh: bool = False) -> dict:
+    """Run a resolved config in this process, as `preset` plus the overrides that make it (tests, benches)."""
+    return run_in_process(preset, overrides_between(load_config(preset), cfg), refresh=refresh)
 
 
 def in_process_settings() -> dict:
@@ -128,26 +164,62 @@ def in_process_settings() -> dict:
     return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 
 
-def _started_run(pending: Future) -> str | None:
-    """The run id of a background run start, or None if the start itself failed."""
+def _started_run(pending: Future) -> tracking.RunHandle | None:
+    """The background run start's handle, or None if the start itself failed."""
     try:
-        return pending.result()[0]
+        return pending.result()
     except Exception:  # the stage error is the one to report; the run start's own error is secondary
         return None
 
 
-def _run_tags(cfg: PipelineConfig, digest: str) -> dict[str, str]:
+def _aliases_line(aliases: dict[str, int]) -> str:
+    return ", ".join(f"@{a} v{v}" for a, v in aliases.items()) or "no aliases"
+
+
+def code_fingerprint() -> str:
+    """One hash of every stage's code version: what the pipeline computes with."""
+    from sft_core.config import stable_hash
+    from sft_core.stages import STAGES
+
+    return stable_hash([s.code_version() for s in STAGES.values()])
+
+
+def _run_tags(cfg: PipelineConfig, digest: str, config: str, overrides: list[str] | None) -> dict[str, str]:
+    import json
+
     from sft_core.modeling import resolve_device
 
     return {
+        "qwen_sft.config": config,
+        "qwen_sft.overrides": json.dumps(overrides or [], ensure_ascii=False),
         "git_commit": tracking.git_commit(),
         "dataset_digest": digest,
         "dataset_source": cfg.data.source,
         "config_hash": cfg.config_hash(),
-        "prefect.flow_run_id": str(flow_run.id),
+        "code_fingerprint": code_fingerprint(),
+        "prefect.flow_run_id": str(flow_run.id),  # the flow run that created it; all of them: prefect.flow_run_ids
         "device": resolve_device(cfg.train.device),
         "base_model": cfg.model.source,
+        "mlflow.note.content": _description(cfg, config, overrides),
+        **_prefect_links(),
     }
+
+
+def _description(cfg: PipelineConfig, config: str, overrides: list[str] | None) -> str:
+    """The run's Description in the MLflow UI: what was run, on what, and how to run it again."""
+    sets = " ".join(f"--set {o}" for o in overrides or [])
+    return (f"Full fine-tune of `{cfg.model.source}` on `{cfg.data.source}` ({cfg.name}). Run again with "
+            f"`qwen-sft run -c {config} {sets}`.".replace("  ", " "))
+
+
+def _prefect_links() -> dict[str, str]:
+    """The flow run's page in the Prefect UI, when a Prefect server with a UI is configured."""
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    if not ui or not get_current_settings().api.url:
+        return {}
+    return {"prefect.flow_run_url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}"}
 
 
 def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
@@ -165,12 +237,19 @@ def _stage_summary(rows: list[dict[str, Any]]) -> str:
 
 
 def _markdown(cfg: PipelineConfig, s: dict) -> str:
-    lines = [f"# qwen-sft run `{cfg.name}`", "", f"MLflow run: [{s['run_id']}]({s['run_url']})", "",
+    ui = " (the embedded store's UI: start it with `qwen-sft ui`)" if s["needs_local_ui"] else ""
+    lines = [f"# qwen-sft run `{cfg.name}`", "", f"MLflow run: [{s['run_id']}]({s['run_url']}){ui}", "",
              "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in s["stages"]]
     lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
     lines += [f"| {name} | {b} | {t} |" for name, b, t in comparison_rows(s["metrics"])]
-    if s["registered"]:
-        r = s["registered"]
-        lines += ["", f"Registered `{r['name']}` version {r['version']} as `@{r['alias']}`."]
+    lines += ["", registration_line(s["registered"])] if s["registered"] else []
     return "\n".join(lines)
+
+
+def registration_line(r: dict) -> str:
+    """What registration did to the registry, in one sentence (the alias rule included)."""
+    if r["reused"]:
+        return (f"Version {r['version']} of `{r['name']}` was already registered for this config and data; no alias "
+                f"moved ({_aliases_line(r['aliases'])}).")
+    return f"Registered `{r['name']}` version {r['version']} as `@{r['alias']}`."

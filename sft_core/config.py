@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,8 +221,41 @@ class PipelineConfig(_Section):
 SECRET_KEY = re.compile(r"(password|passwd|secret|api_?key|access_key|(^|_)token)$", re.IGNORECASE)
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_SECRET_QUERY = re.compile(r"(token|key|secret|password|passwd|pwd|sig|signature|auth|credential)", re.IGNORECASE)
+
+
+def redact_uri(text: str) -> str:
+    """`text` with every URL's password and secret-looking query values replaced by `***`.
+
+    The user name stays (it says whose credentials were meant); a password may contain `@`:
+    the host is what follows the last `@` of the authority.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    def one(match: re.Match) -> str:
+        url = match.group(0)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return url
+        netloc = parts.netloc
+        if "@" in netloc:
+            creds, host = netloc.rsplit("@", 1)
+            netloc = f"{creds.split(':', 1)[0]}:***@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if _SECRET_QUERY.search(k) and v else v) for k, v in pairs], safe="*")
+        if netloc == parts.netloc and query == parts.query:
+            return url  # nothing secret: as written (urlunsplit would drop the empty authority of sqlite:////)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+    return _URL.sub(one, text)
+
+
 def redact(obj: Any) -> Any:
-    """Replace credential-looking values (by key, or user:pass@ in URIs) with '***'."""
+    """Replace credential-looking values (by key, or a URL's password and secret query values) with '***'."""
     if isinstance(obj, dict):
         return {
             k: ("***" if SECRET_KEY.search(k) and obj[k] else redact(v))
@@ -230,11 +263,8 @@ def redact(obj: Any) -> Any:
         }
     if isinstance(obj, list):
         return [redact(v) for v in obj]
-    if isinstance(obj, str) and "://" in obj and "@" in obj.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = obj.split("://", 1)
-        creds, host = rest.split("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
+    if isinstance(obj, str) and "://" in obj:
+        return redact_uri(obj)
     return obj
 
 
@@ -254,34 +284,73 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _parse_value(raw: str) -> Any:
-    """`--set` values are YAML scalars: 5e-5, true, null, [1,2], "text"."""
+def _is_text(annotation: Any) -> bool:
+    """Whether a field holds text (`str` or `str | None`), whose `--set` value is taken as written."""
+    args = typing.get_args(annotation)
+    return annotation is str or (bool(args) and str in args and all(a in (str, type(None)) for a in args))
+
+
+def parse_override_value(annotation: Any, raw: str) -> Any:
+    """A `--set` value for a field of type `annotation`.
+
+    Text fields take the value as written (a path with `#` or `: ` survives), except `null` / `~`
+    (None, where the field allows it) and a quoted value ('...' or "..."), which is unquoted. Every
+    other field reads the value as a YAML scalar or list: 5e-5, true, null, [1, 2], auto.
+    """
+    text = raw.strip()
+    if _is_text(annotation):
+        if text in ("null", "~") and type(None) in typing.get_args(annotation):
+            return None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+        return raw
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
 
 
-def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict, naming the unknown key when the path does not exist."""
+def format_override(key: str, value: Any) -> str:
+    """`key=value` that `load_config` reads back to `value` (text quoted, the rest as JSON, a YAML subset)."""
+    return f"{key}={json.dumps(value, ensure_ascii=False)}"
+
+
+def overrides_between(base: PipelineConfig, cfg: PipelineConfig) -> list[str]:
+    """The `--set` overrides that turn `base` into `cfg` (keys in config order)."""
+    before, after = flatten(base.model_dump(mode="json")), flatten(cfg.model_dump(mode="json"))
+    return [format_override(k, v) for k, v in after.items() if before.get(k) != v]
+
+
+def _field(dotted: str) -> Any:
+    """The pydantic field behind `a.b.c`, naming the unknown key when the path does not exist."""
     parts = dotted.split(".")
-    node: Any = tree
     model: type[BaseModel] = PipelineConfig
     for i, part in enumerate(parts):
         fields = model.model_fields
         if part not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' (known here: {known})")
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' (known here: {', '.join(sorted(fields))})")
         if i == len(parts) - 1:
-            node[part] = value
-            return
+            return fields[part]
         annotation = fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        model = annotation
+    raise AssertionError("unreachable")
+
+
+def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, naming the unknown key when the path does not exist."""
+    _field(dotted)
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' must be a mapping")
-        model = annotation
+    node[parts[-1]] = value
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -321,7 +390,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             if "=" not in item:
                 raise ConfigError(f"override '{item}' must look like section.key=value")
             key, raw = item.split("=", 1)
-            pairs.append((key.strip(), _parse_value(raw)))
+            key = key.strip()
+            pairs.append((key, parse_override_value(_field(key).annotation, raw)))
     # validate the keys of the file too, so a typo names itself
     _check_keys(tree)
     for key, value in pairs:

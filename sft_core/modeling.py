@@ -143,6 +143,7 @@ def prepare_for_sft(model: Any, tokenizer: Any) -> None:
     if token_id(tokenizer, IM_END) == im_end:
         tokenizer.eos_token = IM_END
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id  # as the Trainer would align it, with a warning
     gen = model.generation_config
     gen.eos_token_id = stops
     gen.pad_token_id = tokenizer.pad_token_id

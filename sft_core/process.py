@@ -22,9 +22,19 @@ PROCESS_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    # one line per logged training step (the run's progress) instead of bars for every load, save and map
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
     # read once when torch loads: CPU tensors >= 2 MB on huge pages, so that training's freed-memory policy
     # (sft_core.train.return_freed_memory_to_os) does not pay a page fault per 4 KiB
     "THP_MEM_ALLOC_ENABLE": "1",
+}
+
+# logger -> level: INFO lines that repeat on every run and say nothing the run's own output does not
+QUIET_LOGGERS = {
+    "mlflow.transformers": "WARNING",  # "pipelines saved with prompt templates have return_full_text False"
+    "mlflow.models.model": "WARNING",
 }
 
 _user_environment: dict[str, str] | None = None
@@ -38,6 +48,10 @@ def configure_process() -> None:
         _user_environment = dict(os.environ)
     for key, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    import logging
+
+    for name, level in QUIET_LOGGERS.items():  # expected, and said once in the docs instead of on every run
+        logging.getLogger(name).setLevel(level)
 
 
 def user_environment(name: str) -> str | None:

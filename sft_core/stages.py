@@ -409,6 +409,7 @@ def train_key(cfg: PipelineConfig, tokens: Tokenized, splits: Split, model: Base
 
 def train_body(cfg: PipelineConfig, folder: Path, tokens: Tokenized, splits: Split, model: BaseModel,
                max_new_tokens: int, sink=None, log=None) -> dict:
+    """`sink(step, metrics)` receives every logged step (MLflow); `log(line)` one line of progress per step."""
     from sft_core.launch import launch_training
     from sft_core.train import run_training
 
@@ -417,7 +418,7 @@ def train_body(cfg: PipelineConfig, folder: Path, tokens: Tokenized, splits: Spl
                                max_new_tokens=max_new_tokens, output_dir=folder, sink=sink, log=log)
     check = generation_check(cfg, splits.val, max_new_tokens)
     return run_training(cfg, model_dir=model.model_dir, train_data=tokens.train_ds, eval_data=tokens.val_ds,
-                        output_dir=folder, sink=sink, generation_check=check).own_fields()
+                        output_dir=folder, sink=sink, progress=log, generation_check=check).own_fields()
 
 
 def generation_check(cfg: PipelineConfig, val_rows: str, max_new_tokens: int):

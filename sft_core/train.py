@@ -173,7 +173,7 @@ def build_training_args(tc: TrainConfig, output_dir: str | Path, *, device: str,
         report_to="none",  # the project's own callback logs; transformers' MLflowCallback stays off
         dataloader_num_workers=tc.dataloader_num_workers,
         save_only_model=False,
-        disable_tqdm=False,
+        disable_tqdm=True,  # progress is one line per logged step (make_metrics_callback), not a bar
         ddp_find_unused_parameters=False,
     )
 
@@ -236,8 +236,23 @@ def make_trainer_class():
     return SFTTrainer
 
 
-def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None):
-    """Per-step metrics to a JSONL file (always) and to `sink` (e.g. MLflow), main process only."""
+ProgressLine = Callable[[str], None]
+
+
+def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
+    """One line per logged step: where training is and how it goes."""
+    short = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad", "eval/loss": "eval loss",
+             "eval/format_ok_rate": "format", "eval/stop_rate": "stop", "eval/rouge_l": "rouge"}
+    parts = [f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)"]
+    parts += [f"{label} {metrics[k]:.4g}" for k, label in short.items() if k in metrics]
+    if "train/tokens_per_second" in metrics:
+        parts.append(f"{metrics['train/tokens_per_second']:,.0f} tok/s")
+    return "  ".join(parts)
+
+
+def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None, progress: ProgressLine | None = None):
+    """Per-step metrics to a JSONL file (always), to `sink` (e.g. MLflow) and as one line to `progress`,
+    main process only."""
     from transformers import TrainerCallback
 
     names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
@@ -249,12 +264,16 @@ def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None):
             if not state.is_world_process_zero or not logs:
                 return
             metrics = {names[k]: float(v) for k, v in logs.items() if k in names and v is not None and math.isfinite(float(v))}
+            if state.global_step >= state.max_steps:  # the last step's eval loss is the final evaluation's, of the
+                metrics.pop("eval/loss", None)  # model the run ships (the selected checkpoint): one value per step
             if not metrics:
                 return
             with metrics_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": state.global_step, **metrics}) + "\n")
             if sink is not None:
                 sink(state.global_step, metrics)
+            if progress is not None and set(metrics) - {"train/epoch"}:
+                progress(progress_line(state.global_step, state.max_steps, metrics))
 
     return MetricsCallback()
 
@@ -267,6 +286,7 @@ def run_training(
     eval_data: str | Path | None,
     output_dir: str | Path,
     sink: MetricsSink | None = None,
+    progress: ProgressLine | None = None,
     extra_callbacks: list | None = None,
     generation_check: GenerationCheck | None = None,
 ) -> "Trained":
@@ -290,6 +310,8 @@ def run_training(
     model = load_model(model_dir, dtype=dtype, device="cpu", attn_implementation=cfg.model.attn_implementation,
                        trust_remote_code=cfg.model.trust_remote_code)
     prepare_for_sft(model, tokenizer)
+    if getattr(model.config, "tie_word_embeddings", False):  # the lm_head is the embedding: a checkpoint has no copy,
+        model._keys_to_ignore_on_save = {"lm_head.weight"}  # so loading the selected one ties it instead of warning
     if cfg.eval.repetition_penalty != 1.0:  # the shipped model generates as it was evaluated and selected
         model.generation_config.repetition_penalty = cfg.eval.repetition_penalty
     model.config.use_cache = False
@@ -315,12 +337,15 @@ def run_training(
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[make_metrics_callback(metrics_file, sink), *(extra_callbacks or [])],
+        callbacks=[make_metrics_callback(metrics_file, sink, progress), *(extra_callbacks or [])],
         # the chunked loss calls the lm_head outside the wrapper's forward: fine for DDP, not for sharded weights
         loss_mode=tc.loss if tc.num_processes == 1 or tc.accelerate_config == "ddp" else "standard",
         loss_chunk_size=resolve_loss_chunk_size(tc.loss_chunk_size, device),
         generation_check=generation_check if best_metric == "eval_gen_score" else None,
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it would print every log dict a second time
     resume = last_checkpoint(out)
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = out / "final"

@@ -24,6 +24,7 @@ from sft_core.errors import ConfigError, DataValidationError
 
 DOCS_SITE = "qwen_sft"
 MAX_LISTED = 5  # problems spelled out in an error message
+REPORT_HTML = "validation_report.html"  # the report as one page that needs nothing else (no CDN, no links)
 SAMPLE_ROWS = 20  # bad row numbers kept per expectation in the report
 
 
@@ -135,6 +136,7 @@ def validate_rows(
         out_dir.mkdir(parents=True, exist_ok=True)
         report_path = out_dir / "validation_report.json"
         report_path.write_text(json.dumps(report, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+        (out_dir / REPORT_HTML).write_text(render_report_html(report), encoding="utf-8")
     result = ValidationResult(
         success=report["success"], good_rows=good_rows, bad_rows=bad_rows, report=report,
         report_path=report_path, docs_path=docs_path, quarantine_path=quarantine_path, problems=messages,
@@ -188,6 +190,10 @@ def _run_gx(
     # object dtype keeps type checks per value (a number in a column of strings is one bad row)
     df = pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in present}, index=range(len(rows)))
 
+    import logging
+
+    # an ephemeral context announces the temporary folder of its docs site at INFO on every run
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     for site in list(ctx.get_site_names()):
@@ -292,3 +298,45 @@ def _listing(messages: list[str]) -> str:
     shown = "; ".join(messages[:MAX_LISTED])
     more = len(messages) - MAX_LISTED
     return f"{shown}; and {more} more" if more > 0 else shown
+
+
+# -- the report as one self-contained page ---------------------------------------------------------
+
+def render_report_html(report: dict[str, Any]) -> str:
+    """The validation report as one HTML page with its own style: readable offline, from any artifact store."""
+    from html import escape
+
+    ok = report["success"]
+    rows = report["rows"]
+    exp_rows = "".join(
+        f"<tr class={'ok' if e['success'] else 'bad'}><td>{escape(e['type'])}</td><td>{escape(str(e['column'] or ''))}</td>"
+        f"<td>{'passed' if e['success'] else 'FAILED'}</td><td>{escape(str(e.get('unexpected_count')))}</td>"
+        f"<td>{escape(', '.join(map(str, e.get('unexpected_rows') or [])))}</td>"
+        f"<td>{escape(json.dumps(e.get('kwargs') or {}, ensure_ascii=False))}</td></tr>"
+        for e in report["expectations"])
+    bad_rows = "".join(
+        f"<tr><td>{b['row']}</td><td>{escape(p['column'])}</td><td>{escape(p['reason'])}</td></tr>"
+        for b in report["bad_rows"] for p in b["problems"])
+    table = "".join(f"<li>{escape(t)}</li>" for t in report["table_problems"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Validation of {escape(str(report['source']))}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em; color: #1d1d1f; }}
+h1 {{ font-size: 1.4em; }} table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }}
+th {{ background: #f2f2f2; }} tr.bad td {{ background: #fde8e8; }} .verdict {{ font-weight: bold; }}
+.pass {{ color: #137333; }} .fail {{ color: #b3261e; }}
+</style></head><body>
+<h1>Validation of <code>{escape(str(report['source']))}</code></h1>
+<p class="verdict {'pass' if ok else 'fail'}">{'All checks passed' if ok else 'Validation failed'}</p>
+<table><tr><th>suite</th><td>{escape(str(report['suite']))}</td></tr>
+<tr><th>policy</th><td>{escape(str(report['policy']))}</td></tr>
+<tr><th>rows</th><td>{rows['total']} read, {rows['good']} good, {rows['bad']} bad</td></tr>
+<tr><th>Great Expectations</th><td>{escape(str(report['gx_version']))}</td></tr></table>
+{f'<h2>Table problems</h2><ul>{table}</ul>' if table else ''}
+<h2>Expectations</h2>
+<table><tr><th>expectation</th><th>column</th><th>result</th><th>unexpected</th><th>rows (first)</th><th>settings</th></tr>
+{exp_rows}</table>
+{f'<h2>Bad rows</h2><table><tr><th>row</th><th>column</th><th>reason</th></tr>{bad_rows}</table>' if bad_rows else ''}
+</body></html>
+"""

@@ -59,12 +59,11 @@ def _training_extras(cfg: PipelineConfig, run_id: str | None) -> Iterator[dict[s
         mlflow_logger = BufferedMetricLogger(cfg, run_id)
 
     def sink(step: int, metrics: dict[str, float]) -> None:
-        logger.info("step %d  %s", step, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if mlflow_logger:
             mlflow_logger.log(step, metrics)
 
     try:
-        yield {"sink": sink, "log": logger.info}
+        yield {"sink": sink, "log": logger.info}  # one progress line per logged step in the Prefect log
     finally:
         if mlflow_logger:
             left = mlflow_logger.close()

@@ -25,7 +25,7 @@ def demo(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("demo")
     cfg = load_config("demo", [f"workdir={workdir}"])
-    return cfg, run_in_process(cfg.model_dump(mode="json"))
+    return cfg, run_in_process("demo", [f"workdir={workdir}"])  # as `qwen-sft run -c demo` runs it
 
 
 def test_the_demo_learns_the_format_and_to_stop_where_its_base_cannot(demo):

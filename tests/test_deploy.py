@@ -36,20 +36,18 @@ def _prefect_yaml() -> dict:
     return yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
 
 
-def test_prefect_yaml_parameters_are_the_presets():
+def test_prefect_yaml_deploys_the_presets_by_name():
     from prefect.cli.deploy._models import PrefectYamlModel
 
     model = PrefectYamlModel.model_validate(_prefect_yaml())  # the schema `prefect deploy` reads
     assert {d.name for d in model.deployments} == set(PRESET_OF)
     for dep in model.deployments:
         preset = load_config(PRESET_OF[dep.name])
-        deployed = PipelineConfig.model_validate(dep.parameters["config"])
-        assert dep.parameters["refresh"] is False
+        assert dep.parameters["config"] == PRESET_OF[dep.name] and dep.parameters["refresh"] is False
         in_container = dep.name.endswith(("-docker", "-k8s"))
-        expected = preset.model_copy(update={"tracking": preset.tracking.model_copy(update={"uri": "http://mlflow:5000"})}) \
-            if in_container else preset
-        assert deployed.model_dump() == expected.model_dump(), dep.name
-        assert dep.entrypoint == ENTRYPOINT and (REPO / ENTRYPOINT.split(":")[0]).exists()
+        assert dep.parameters["overrides"] == (["tracking.uri=http://mlflow:5000"] if in_container else [])
+        assert deployment_parameters(dep.parameters["config"], dep.parameters["overrides"]) == dep.parameters
+        assert dep.entrypoint == ENTRYPOINT == "flows.finetune.finetune"
         assert [(s.cron, s.timezone) for s in dep.schedules] == [(preset.schedule.cron, preset.schedule.timezone)]
         assert (dep.concurrency_limit.limit, dep.concurrency_limit.collision_strategy) == (1, "ENQUEUE")
         assert f"model:{preset.registry.name}" in dep.tags
@@ -61,12 +59,37 @@ def test_prefect_yaml_parameters_are_the_presets():
             assert dep.work_pool.name == preset.schedule.work_pool and dep.pull is None
 
 
-def test_parameters_are_the_resolved_config_and_refuse_credentials():
-    cfg = load_config("demo", ["train.max_steps=3"])
-    assert deployment_parameters(cfg) == {"config": cfg.model_dump(mode="json"), "refresh": False}
-    leaky = load_config("demo", ["tracking.uri=http://alice:s3cret@mlflow:5000"])
+def test_the_entrypoint_is_the_installed_flow():
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.finetune import finetune
+
+    assert load_flow_from_entrypoint(ENTRYPOINT) is finetune
+
+
+def test_parameters_are_what_a_user_types_checked_as_the_cli_checks_them():
+    assert deployment_parameters("demo", ["train.max_steps=3"]) == {
+        "config": "demo", "overrides": ["train.max_steps=3"], "refresh": False}
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochz'"):
+        deployment_parameters("demo", ["train.epochz=3"])
     with pytest.raises(ConfigError, match="tracking.uri"):
-        deployment_parameters(leaky)
+        deployment_parameters("demo", ["tracking.uri=http://alice:s3cret@mlflow:5000"])
+
+
+def test_the_flow_parameters_a_ui_offers_are_the_preset_the_overrides_and_refresh():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+
+    schema = parameter_schema(finetune).model_dump()
+    assert list(schema["properties"]) == ["config", "overrides", "refresh"] and schema["required"] == ["config"]
+    item = schema["definitions"].get("Override") or schema["properties"]["overrides"]["anyOf"][0]["items"]
+    import re
+
+    pattern = re.compile(item["pattern"])
+    assert pattern.match("train.learning_rate=5e-5") and pattern.match("workdir=/srv/qwen")
+    for bad in ("train.learning_rate", "=5e-5", "train .lr=1", "1train.lr=1"):
+        assert not pattern.match(bad), bad
 
 
 def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
@@ -83,13 +106,12 @@ def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
 def test_deploy_needs_a_reachable_prefect_api():
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    cfg = load_config("demo")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(OrchestrationError, match="PREFECT_API_URL is not set"):
-            deploy(cfg)
+            deploy("demo")
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(OrchestrationError, match=r"http://127.0.0.1:9/api \(PREFECT_API_URL\) is unreachable"):
-            deploy(cfg)
+            deploy("demo")
 
 
 # --- slow: the team set-up end to end --------------------------------------------------------------
@@ -114,13 +136,14 @@ def _tail(path: Path, chars: int = 5000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
-def _serve_until_registered(client, argv: list[str], env: dict[str, str], log: Path, timeout: float = 180):
-    """Start `qwen-sft serve`, wait for its deployment to appear, stop the process group; the deployment."""
+def _serve_until_registered(client, argv: list[str], name: str, env: dict[str, str], log: Path,
+                            timeout: float = 180) -> tuple:
+    """Start `qwen-sft serve`, wait for its deployment `name` to appear, SIGTERM the process (only it, as a service
+    manager would) and wait for it to exit; (the deployment while served, its exit code, seconds to stop)."""
     import time
 
     from prefect.exceptions import ObjectNotFound
 
-    name = "finetune/" + argv[argv.index("--name") + 1]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -128,12 +151,22 @@ def _serve_until_registered(client, argv: list[str], env: dict[str, str], log: P
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                return client.read_deployment_by_name(name)
+                served = client.read_deployment_by_name(name)
+                break
             except ObjectNotFound:
                 time.sleep(1)
-        raise AssertionError(f"`qwen-sft serve` did not register {name} (exit {proc.poll()}):\n{_tail(log)}")
+        else:
+            raise AssertionError(f"`qwen-sft serve` did not register {name} (exit {proc.poll()}):\n{_tail(log)}")
+        time.sleep(2)  # serving, not only registered
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            code = None  # did not stop: the assertion below says so
+        return served, code, time.monotonic() - started
     finally:
-        _stop_group(proc)
+        _stop_group(proc, grace=5)
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
@@ -190,21 +223,22 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
         # `qwen-sft deploy` registers the flow with its schedule, parameters, pool and concurrency limit
         deploy_log = tmp_path / "deploy.log"
         code = _run_group([str(BIN / "qwen-sft"), "deploy", "-c", "demo", *_sets(overrides), "--cron", "0 4 * * 2",
-                           "--timezone", "Europe/Berlin", "--pool", pool], env, deploy_log, timeout=300)
+                           "--timezone", "Europe/Berlin", "--pool", pool, "--working-dir", str(tmp_path)], env,
+                          deploy_log, timeout=300)
         assert code == 0, _tail(deploy_log)
         dep = client.read_deployment_by_name(name)
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [
             ("0 4 * * 2", "Europe/Berlin", True)]
         assert dep.global_concurrency_limit.limit == 1
         assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
-        assert dep.parameters == {"config": cfg.model_dump(mode="json"), "refresh": False}
+        assert dep.parameters == {"config": "demo", "overrides": overrides, "refresh": False}
         assert dep.work_pool_name == pool and client.read_work_pool(pool).type == "process"
-        assert dep.entrypoint == ENTRYPOINT
-        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        assert dep.entrypoint == ENTRYPOINT == "flows.finetune.finetune"
+        assert dep.job_variables == {"working_dir": str(tmp_path.resolve())}
         assert "model:deploy-test-model" in dep.tags
 
         # deploying again updates the same deployment (one schedule, the new one)
-        again = deploy(cfg, cron="30 2 * * *", pool=pool)
+        again = deploy("demo", overrides, cron="30 2 * * *", pool=pool, working_dir=tmp_path)
         assert again["id"] == str(dep.id) and not again["pool_created"]
         assert [s.schedule.cron for s in client.read_deployment(dep.id).schedules] == ["30 2 * * *"]
 
@@ -228,11 +262,18 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
         assert candidate.run_id == run.info.run_id
         assert _pg_count(mlflow.database_url, "runs") == 1 and _pg_count(mlflow.database_url, "model_versions") == 1
 
-        # `qwen-sft serve`: the same deployment served from one foreground process (no pool, no worker)
-        served = _serve_until_registered(client, [str(BIN / "qwen-sft"), "serve", "-c", "demo", *_sets(overrides),
-                                                  "--name", "finetune-served"], env, tmp_path / "serve.log")
-        assert [s.schedule.cron for s in served.schedules] == ["0 3 * * 1"] and served.work_pool_name is None
+        # `qwen-sft serve`: the same flow served from one foreground process (no pool, no worker), under a deployment
+        # of its own; SIGTERM stops it cleanly and pauses nothing `deploy` registered
+        served, code, stop_s = _serve_until_registered(
+            client, [str(BIN / "qwen-sft"), "serve", "-c", "demo", *_sets(overrides)],
+            "finetune/finetune-demo-tiny-medical-serve", env, tmp_path / "serve.log")
+        assert served.id != dep.id and served.work_pool_name is None
+        assert [s.schedule.cron for s in served.schedules] == ["0 3 * * 1"]
         assert served.global_concurrency_limit.limit == 1 and served.parameters == dep.parameters
+        assert code == 0 and stop_s < 30, f"serve exited {code} {stop_s:.0f} s after SIGTERM:\n{_tail(tmp_path / 'serve.log')}"
+        deployed = client.read_deployment(dep.id)
+        assert deployed.work_pool_name == pool and not deployed.paused, "serve took over or paused deploy's deployment"
+        assert [s.active for s in deployed.schedules] == [True]
 
         # infra/prefect.yaml deploys with `prefect deploy --all` once its pools exist
         assert ensure_work_pool("qwen-sft-process") is True and ensure_work_pool("qwen-sft-process") is False
@@ -245,7 +286,7 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
         assert code == 0, _tail(yaml_log)
         for dep_name, preset in PRESET_OF.items():
             d = client.read_deployment_by_name(f"finetune/{dep_name}")
-            assert d.parameters["config"]["name"] == load_config(preset).name
+            assert d.parameters["config"] == preset and load_config(preset).name in d.name
             assert d.global_concurrency_limit.limit == 1 and [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"]
         k8s = client.read_deployment_by_name("finetune/finetune-qwen2.5-1.5b-medical-k8s")
         assert k8s.work_pool_name == "qwen-sft-kubernetes"

@@ -47,10 +47,10 @@ def _cfg(workdir: Path, server, *extra: str):
 
 
 def _run(cfg, **kw):
-    from flows.finetune import run_in_process
+    from flows.finetune import run_config
 
     started = time.perf_counter()
-    summary = run_in_process(cfg.model_dump(mode="json"), **kw)
+    summary = run_config(cfg, **kw)
     return summary, time.perf_counter() - started
 
 
@@ -77,6 +77,15 @@ def test_first_run_tracks_everything(first, server):
     assert run.info.status == "FINISHED"
     exp = c.get_experiment(run.info.experiment_id)
     assert exp.name == "sample--qwen2"
+    assert exp.tags["mlflow.experimentKind"] == "finetuning", "the UI opens the experiment on its training runs"
+    # the run's name says what differs from the preset; its description says how to run it again
+    assert run.info.run_name.startswith("demo ") and "train.max_steps=24" in run.info.run_name
+    assert "workdir=" not in run.info.run_name and "tracking.uri" not in run.info.run_name
+    assert "qwen-sft run -c demo" in run.data.tags["mlflow.note.content"]
+    assert "workdir" not in run.data.params and not any(k.startswith("tracking.") for k in run.data.params), \
+        "machine-specific settings stay out of the param comparison (they are in config.yaml)"
+    assert "max_new_tokens" not in run.data.params and "do_sample" not in run.data.params
+    assert run.data.tags["data.rows_train"] == "113" and not any(k.startswith("data/") for k in run.data.metrics)
     # params (flattened config) + config.yaml
     assert run.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
     assert run.data.params["data.source"] == "bundled://sample"
@@ -92,16 +101,28 @@ def test_first_run_tracks_everything(first, server):
     files = _artifact_paths(c, run.info.run_id)
     assert "config.yaml" in files
     assert "validation/validation_report.json" in files
-    assert any(f.startswith("validation/data_docs/") and f.endswith(".html") for f in files)
+    # the whole Data Docs site: the index and the validation-result and suite pages it links to
+    assert "validation/data_docs/index.html" in files
+    assert any(f.startswith("validation/data_docs/validations/") and f.endswith(".html") for f in files)
+    assert any(f.startswith("validation/data_docs/expectations/") and f.endswith(".html") for f in files)
+    page = Path(c.download_artifacts(run.info.run_id, "validation/validation_report.html")).read_text(encoding="utf-8")
+    assert "All checks passed" in page and "expect_column_values_to_be_unique" in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page, \
+        "the report page is self-contained"
+    # a checkpoint is what a user can load: weights, tokenizer, configs; no optimizer state or pickles
+    ckpt = [f for f in files if f.startswith("checkpoints/")]
+    assert any(f.endswith("model.safetensors") for f in ckpt) and any(f.endswith("config.json") for f in ckpt)
+    assert not any(f.endswith((".pt", ".pth", ".bin")) for f in ckpt), ckpt
     assert "plots/loss_curve.png" in files
     assert "predictions.json" in files
-    assert any(f.startswith("checkpoints/checkpoint-") for f in files)
     # per-step curves
     loss = c.get_metric_history(run.info.run_id, "train/loss")
     assert sorted({m.step for m in loss}) == list(range(1, 25))
     for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second"):
         assert len(c.get_metric_history(run.info.run_id, key)) >= 24, key
-    assert {m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")} >= {12, 24}
+    eval_loss = c.get_metric_history(run.info.run_id, "eval/loss")
+    assert sorted(m.step for m in eval_loss) == [12, 24], "one value per step: the last is the final evaluation's"
+    assert {m.value for m in eval_loss if m.step == 24} == {run.data.metrics["eval/loss"]}
     # final metrics
     for key in ("eval/loss", "eval/perplexity", "eval/token_accuracy", "gen/format_ok_rate", "gen/rouge_l",
                 "gen/stop_rate", "gen/mean_think_chars", "gen/mean_answer_chars"):
@@ -124,7 +145,8 @@ def _stage_files(workdir: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_second_run_is_all_cached(first, workdir, server):
-    """Nothing is redone: every stage reports cached and no stage output is rewritten.
+    """Nothing is redone: every stage reports cached and no stage output is rewritten; the continuation leaves what
+    the first run measured (status, start and end) as it was and is recorded in tags.
 
     How much faster the cached run is, is measured by bench/pipeline.py (BENCHMARKS.md), not asserted here:
     wall-clock ratios flake on a shared CI machine.
@@ -132,12 +154,19 @@ def test_second_run_is_all_cached(first, workdir, server):
     cfg, summary, first_seconds = first
     before = _stage_files(workdir)
     assert any(k.startswith("train/") and k.endswith(".safetensors") for k in before)
+    measured = _client(server).get_run(summary["run_id"]).info
     again, seconds = _run(cfg)
     print(f"first run {first_seconds:.1f} s, cached re-run {seconds:.1f} s ({seconds / first_seconds:.1%})")
     assert _stage_files(workdir) == before, "a cached re-run rewrote stage outputs"
     statuses = {r["stage"]: r["status"] for r in again["stages"]}
     assert set(statuses.values()) == {"cached"}, statuses
     assert again["run_id"] == summary["run_id"], "a re-run continues the same MLflow run"
+    run = _client(server).get_run(summary["run_id"])
+    assert (run.info.status, run.info.start_time, run.info.end_time) == ("FINISHED", measured.start_time,
+                                                                         measured.end_time), "the duration was rewritten"
+    flow_runs = run.data.tags["prefect.flow_run_ids"].split(",")
+    assert len(flow_runs) == 2 and flow_runs[0] == run.data.tags["prefect.flow_run_id"], "every flow run is kept"
+    assert run.data.tags["qwen_sft.continuations"] == "1" and run.data.tags["qwen_sft.last_continuation"] == "finished"
     assert again["registered"]["version"] == summary["registered"]["version"], "no duplicate version"
     assert not again["retrained"]
     c = _client(server)
@@ -159,6 +188,21 @@ def test_eval_change_reruns_only_evaluation_stages(first, workdir, server):
     c = _client(server)
     assert len({m.step for m in c.get_metric_history(result["run_id"], "train/loss")}) == 24
     assert result["registered"]["version"] == summary["registered"]["version"] + 1
+
+
+def test_an_unchanged_rerun_moves_no_alias(first, workdir, server):
+    """The alias rule: after a second experiment registered v2 (@candidate), a scheduled re-run of the first config
+    on unchanged data finds its v1 and leaves @candidate on v2, and says so."""
+    from tasks.tracking import aliases
+
+    cfg, summary, _ = first
+    assert aliases(cfg)["candidate"] == summary["registered"]["version"] + 1, "the eval-change run's version"
+    again, _ = _run(cfg)
+    assert again["registered"]["reused"] and again["registered"]["version"] == summary["registered"]["version"]
+    assert aliases(cfg)["candidate"] == summary["registered"]["version"] + 1, "a cached re-run took @candidate back"
+    from flows.finetune import registration_line
+
+    assert "no alias moved" in registration_line(again["registered"])
 
 
 def test_promote_refuse_and_rollback(first, server):

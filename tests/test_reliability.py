@@ -111,9 +111,9 @@ def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
     from sft_core.errors import DataValidationError
 
     bad = next(k for k, v in EXPECTED.items() if v["error"] == "DataValidationError" and "bad_rows" in v)
-    cfg = load_config("demo", [*FAST, f"workdir={tmp_path}", f"data.source={BAD / bad}", "data.min_rows=2"])
+    overrides = [*FAST, f"workdir={tmp_path}", f"data.source={BAD / bad}", "data.min_rows=2"]
     with pytest.raises(DataValidationError):
-        finetune(config=cfg.model_dump(mode="json"))
+        finetune(config="demo", overrides=overrides)
     assert not (tmp_path / "train").exists()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri, registry_uri=uri)  # without registry_uri it follows the global URI of an earlier test

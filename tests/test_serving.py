@@ -47,7 +47,7 @@ def test_promoted_model_answers_over_http(tmp_path):
     cfg = load_config("demo", overrides)
     with pytest.raises(PromotionError, match="no @production version"):
         check_alias(cfg)
-    summary = finetune(config=cfg.model_dump(mode="json"))
+    summary = finetune(config="demo", overrides=overrides)
     version = summary["registered"]["version"]
     assert summary["promoted"]["production"] == version, "auto_promote moves the first candidate to production"
     assert aliases(cfg) == {"candidate": version, "production": version} and check_alias(cfg) == version
@@ -76,6 +76,34 @@ def test_promoted_model_answers_over_http(tmp_path):
         # without params the served model decodes greedily, like evaluation: the same answer twice
         greedy = [requests.post(f"{url}/invocations", json={"inputs": questions[:1]}, timeout=120) for _ in range(2)]
         assert [r.status_code for r in greedy] == [200, 200] and greedy[0].json() == greedy[1].json()
+    finally:
+        server.stop()
+    assert server.proc is None
+
+
+@pytest.mark.slow
+def test_the_local_ui_is_one_light_server(tmp_path):
+    """`qwen-sft ui` serves one user: the MLflow web server and one worker, no job runner (MLflow 3's defaults
+    start ~14 processes and ~2.3 GB)."""
+    import psutil
+
+    from tasks import tracking
+
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    tracking.ensure_experiment(cfg)  # a store to show
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(name="ui", argv=[str(BIN / "qwen-sft"), "ui", "-c", "demo", "--set", f"workdir={tmp_path}",
+                                            "--port", str(port)], env=child_env(), url=url, health_url=f"{url}/health",
+                           log_path=tmp_path / "ui.log", cwd=tmp_path, timeout=180)
+    try:
+        server.start()
+        assert requests.get(url, timeout=30).status_code == 200
+        tree = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+        rss_mb = sum(p.memory_info().rss for p in tree) / 2**20
+        print(f"ui: {len(tree)} processes, {rss_mb:.0f} MB")
+        assert len(tree) <= 3 and rss_mb < 1024, [p.cmdline()[:4] for p in tree]
+        assert not any("huey" in " ".join(p.cmdline()) for p in tree), "no job runner for a local UI"
     finally:
         server.stop()
     assert server.proc is None

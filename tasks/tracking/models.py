@@ -19,6 +19,7 @@ from sft_core.errors import PromotionError, TrackingError
 from tasks.tracking.store import client, tracking_uri
 
 ALIASES = ("candidate", "production", "previous")
+REGISTERED_TAG = "qwen_sft.registered"  # set last: a version without it was cut short and is finished by a re-run
 
 PIP_REQUIREMENTS = ["torch", "transformers>=5,<6", "accelerate", "safetensors", "tokenizers"]
 
@@ -80,7 +81,8 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_token
             signature=signature,
             pip_requirements=PIP_REQUIREMENTS,
             prompt_template=serving_prompt_template(cfg, model_dir),
-            model_config={"max_new_tokens": max_new_tokens, "do_sample": False},
+            # no `model_config`: MLflow would log it as run params; the defaults are the model's generation_config
+            # (greedy, its stop tokens and budget) and the signature's params
             metadata={"system_prompt": cfg.data.system_prompt},
             model_card=_hub_card(card),
         )
@@ -111,7 +113,12 @@ def attach_model_card(cfg: PipelineConfig, model_uri: str, version: int, text: s
 
 
 def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str, float], train_key: str) -> dict:
-    """Register a version (idempotent per run + train key) and point `candidate` at it."""
+    """Register a version and point `candidate` at it; idempotent per run + train key.
+
+    The alias rule: `candidate` moves only to a version this call creates. A re-run that finds its
+    version already registered (cached training, a scheduled run on unchanged data) moves no alias,
+    so it never takes `candidate` back from a newer experiment.
+    """
     c = client(cfg)
     name = cfg.registry.name
     try:
@@ -122,15 +129,31 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
         except Exception:
             c.get_registered_model(name)  # created concurrently
     found = c.search_model_versions(f"name = '{name}' and tag.train_key = '{train_key}' and run_id = '{run_id}'")
-    if found:
+    if found and not _cut_short(c, name, found[0]):
+        # an unchanged run: its version exists, and every alias stays where a person or the gate put it
+        return {"name": name, "version": int(found[0].version), "alias": None, "reused": True,
+                "aliases": aliases(cfg)}
+    if found:  # a crash between creating the version and moving the alias: finish that registration
         version = found[0]
     else:
-        tags = {"run_id": run_id, "train_key": train_key, **{k.replace("/", "_"): f"{v:.6g}" for k, v in metrics.items()}}
+        tags = {"run_id": run_id, "train_key": train_key,
+                **{k.replace("/", "_"): f"{v:.6g}" for k, v in metrics.items()}}
         model_id = model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None
         version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
         _wait_ready(c, name, version.version)
     c.set_registered_model_alias(name, "candidate", version.version)
-    return {"name": name, "version": int(version.version), "alias": "candidate", "reused": bool(found)}
+    c.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
+    return {"name": name, "version": int(version.version), "alias": "candidate", "reused": False,
+            "aliases": aliases(cfg)}
+
+
+def _cut_short(c, name: str, mv) -> bool:
+    """Whether registering `mv` stopped before its alias moved: no completion tag, and (for versions older
+    than that tag) it is the newest version and no alias points at it."""
+    if mv.tags.get(REGISTERED_TAG) == "true":
+        return False
+    newest = max(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+    return int(mv.version) == newest and not getattr(mv, "aliases", None)
 
 
 def _wait_ready(c, name: str, version: str, timeout: float = 120) -> None:

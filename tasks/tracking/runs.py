@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig
+from sft_core.config import PipelineConfig, redact_uri
 from sft_core.stages import Split, Trained
 from tasks.tracking.store import artifact_root, client, tracking_uri
 
 RUN_KEY_TAG = "qwen_sft.run_key"
+FLOW_RUNS_TAG = "prefect.flow_run_ids"  # every Prefect flow run that worked on the run, oldest first
 _resumed_tags: dict[str, dict[str, str]] = {}  # run id -> its tags when this process resumed it
 
 
@@ -31,19 +33,24 @@ def experiment_name(cfg: PipelineConfig) -> str:
     return f"{parse_data_source(cfg.data.source).name}--{parse_model_source(cfg.model.source).name}"
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "finetuning"}  # the MLflow 3 UI opens it on its training runs
+
+
 def ensure_experiment(cfg: PipelineConfig) -> str:
     c = client(cfg)
     name = experiment_name(cfg)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=artifact_root(cfg))
-    except Exception:  # created concurrently by another run
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=artifact_root(cfg), tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently by another run
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+        for key, value in EXPERIMENT_KIND.items():
+            c.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -55,50 +62,89 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
-    """One MLflow run per (config, data): a re-run or a resumed crash continues the same run."""
+@dataclass
+class RunHandle:
+    run_id: str
+    resumed: bool  # an earlier flow run made it: this one continues it
+    finished_before: bool  # and it had finished: what it measured (status, start and end) is left as it is
+
+
+def start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: dict[str, str],
+                        flow_run: str | None = None) -> RunHandle:
+    """One MLflow run per (config, data, code): a re-run or a resumed crash continues the same run.
+
+    A continuation is recorded in tags (`qwen_sft.continuations`, `qwen_sft.last_continued_at`, every
+    flow run in `prefect.flow_run_ids`); the creation tags and a finished run's status and times stay.
+    """
     from filelock import FileLock
 
     lock_dir = cfg.workdir_path / "runs"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / f"{run_key}.lock")):  # two identical runs at once share one MLflow run
-        return _start_or_resume_run(cfg, run_key, run_name, tags)
+        return _start_or_resume_run(cfg, run_key, run_name, tags, flow_run)
 
 
-def _start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
+def _start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags: dict[str, str],
+                         flow_run: str | None) -> RunHandle:
     c = client(cfg)
     exp_id = ensure_experiment(cfg)
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1,
                           order_by=["attributes.start_time DESC"])
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if found:
-        run_id = found[0].info.run_id
-        _resumed_tags[run_id] = dict(found[0].data.tags)
-        c.update_run(run_id, status="RUNNING")
-        set_tags(cfg, run_id, tags)
-        return run_id, True
-    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
-    return run.info.run_id, False
+        run = found[0]
+        run_id, old = run.info.run_id, dict(run.data.tags)
+        _resumed_tags[run_id] = old
+        finished = run.info.status == "FINISHED"
+        if not finished:  # a crashed or interrupted run: this flow run finishes its work
+            c.update_run(run_id, status="RUNNING")
+        flow_runs = [f for f in old.get(FLOW_RUNS_TAG, "").split(",") if f]
+        update = {"qwen_sft.continuations": str(int(old.get("qwen_sft.continuations", "0")) + 1),
+                  "qwen_sft.last_continued_at": now}
+        if flow_run and flow_run not in flow_runs:
+            update[FLOW_RUNS_TAG] = ",".join([*flow_runs, flow_run])
+        set_tags(cfg, run_id, update)
+        return RunHandle(run_id, True, finished)
+    first = {FLOW_RUNS_TAG: flow_run} if flow_run else {}
+    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags, **first})
+    return RunHandle(run.info.run_id, False, False)
 
 
-def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
-    client(cfg).set_terminated(run_id, status=status)
+def end_run(cfg: PipelineConfig, handle: RunHandle, status: str = "FINISHED", detail: str = "") -> None:
+    """End the run, or, for a continuation of a finished run, record how the continuation ended."""
+    if handle.finished_before:
+        set_tags(cfg, handle.run_id, {"qwen_sft.last_continuation": status.lower() + (f": {detail}" if detail else "")})
+        return
+    client(cfg).set_terminated(handle.run_id, status=status)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `qwen-sft ui` serves an embedded store
 
 
 def run_url(cfg: PipelineConfig, run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server's, or `qwen-sft ui`'s for the embedded store."""
     uri = tracking_uri(cfg)
-    c = client(cfg)
-    exp_id = c.get_run(run_id).info.experiment_id
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    return f"(qwen-sft ui, then) http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
+    exp_id = client(cfg).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{redact_uri(base)}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def needs_local_ui(cfg: PipelineConfig) -> bool:
+    """Whether the run's URL works only while `qwen-sft ui` runs (an embedded store)."""
+    return not tracking_uri(cfg).startswith(("http://", "https://"))
+
+
+MACHINE_PARAMS = ("workdir", "tracking.", "schedule.")  # where a run lands: in config.yaml, not in the comparison
 
 
 def log_config(cfg: PipelineConfig, run_id: str) -> None:
+    """What the run computes as params (the comparison view); the whole resolved config as config.yaml."""
     from mlflow.entities import Param
 
     c = client(cfg)
     existing = c.get_run(run_id).data.params
-    params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items()) if k not in existing]
+    params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items())
+              if k not in existing and not k.startswith(MACHINE_PARAMS)]
     for i in range(0, len(params), 100):
         c.log_batch(run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +161,8 @@ def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: Split, source_l
 
     from sft_core.data import read_jsonl
 
+    import warnings
+
     c = client(cfg)
     already = {d.dataset.digest for d in c.get_run(run_id).inputs.dataset_inputs}
     for context, path, full_digest in (("train", splits.train, splits.train_digest), ("val", splits.val, splits.val_digest)):
@@ -122,17 +170,27 @@ def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: Split, source_l
         if digest in already:
             continue
         df = pd.DataFrame(read_jsonl(path))[["question", "think", "answer"]]
-        ds = mlflow.data.from_pandas(df, source=source_location, name=f"{experiment_name(cfg)}-{context}", digest=digest)
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; MLflow picks one and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = mlflow.data.from_pandas(df, source=redact_uri(source_location), name=f"{experiment_name(cfg)}-{context}",
+                                         digest=digest)
         c.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(ds._to_mlflow_entity(),
                                                                     tags=[InputTag("mlflow.data.context", context)])])
 
 
 def log_validation(cfg: PipelineConfig, run_id: str, report: str | None, docs: str | None,
                    quarantine: str | None) -> None:
-    """The validation report, its Data Docs site and the quarantined rows, under `validation/`."""
-    for path, where in ((report, "validation"), (docs, "validation/data_docs"), (quarantine, "validation")):
-        if path:
-            log_artifact(cfg, run_id, path, where)
+    """Under `validation/`: the report as JSON and as one self-contained page, the whole GX Data Docs site
+    (its index links to the result and suite pages), and the quarantined rows."""
+    from sft_core.validation import REPORT_HTML
+
+    if report:
+        log_artifact(cfg, run_id, report, "validation")
+        log_artifact(cfg, run_id, Path(report).with_name(REPORT_HTML), "validation")
+    if docs:
+        log_artifact(cfg, run_id, Path(docs).parent, "validation/data_docs")  # the site, not only its index.html
+    if quarantine:
+        log_artifact(cfg, run_id, quarantine, "validation")
 
 
 def log_artifact(cfg: PipelineConfig, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -285,7 +343,15 @@ def log_predictions(cfg: PipelineConfig, run_id: str, predictions_file: str | Pa
     mlflow.log_table(data=df, artifact_file=artifact_file, run_id=run_id)
 
 
+CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")  # what a user can load
+
+
 def log_checkpoints(cfg: PipelineConfig, run_id: str, trained: Trained) -> list[str]:
+    """The selected checkpoint (or all) as loadable files: weights, tokenizer, configs, trainer state.
+
+    Optimizer and scheduler state, RNG states and pickles stay on the worker's disk for resuming:
+    at 1.5B the AdamW state alone is ~12 GB, four times the weights.
+    """
     mode = cfg.tracking.log_checkpoints
     if mode == "none":
         return []
@@ -293,12 +359,14 @@ def log_checkpoints(cfg: PipelineConfig, run_id: str, trained: Trained) -> list[
     best = [Path(trained.best_checkpoint)] if trained.best_checkpoint else []
     chosen = sorted(out.glob("checkpoint-*")) if mode == "all" else best
     logged = []
+    c = client(cfg)
     for ckpt in chosen:
-        if ckpt.exists():
-            log_artifact(cfg, run_id, ckpt, f"checkpoints/{ckpt.name}")
-            logged.append(ckpt.name)
+        if not ckpt.exists():
+            continue
+        for f in sorted({f for pattern in CHECKPOINT_FILES for f in ckpt.glob(pattern)}):
+            c.log_artifact(run_id, str(f), f"checkpoints/{ckpt.name}")
+        logged.append(ckpt.name)
     return logged
-
 
 
 def tag_value(cfg: PipelineConfig, run_id: str, key: str) -> str | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sft_core.config import PipelineConfig
 from sft_core.errors import PromotionError
-from tasks.tracking.store import check_reachable, client, tracking_uri
+from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri
 
 
 def model_uri(cfg: PipelineConfig, alias: str = "production") -> str:
@@ -34,4 +34,19 @@ def serving_command(cfg: PipelineConfig, *, alias: str = "production", host: str
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    return argv, env
+
+
+def ui_command(cfg: PipelineConfig, port: int = 5000) -> tuple[list[str], dict[str, str]]:
+    """`mlflow server` for one local user on 127.0.0.1: one web worker and no job runner.
+
+    MLflow 3's defaults (4 uvicorn workers, a huey job runner with 7 consumers for GenAI scoring and
+    trace archival) cost ~14 processes and ~2.3 GB for a UI one person reads.
+    """
+    uri = tracking_uri(cfg)
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", uri, "--workers", "1"]
+    if artifact_root(cfg):
+        argv += ["--default-artifact-root", artifact_root(cfg)]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return argv, env

@@ -1,0 +1,43 @@
+"""What a person reads: the run summary in Prefect, the links between Prefect and MLflow, run names."""
+
+from __future__ import annotations
+
+import re
+
+from flows.finetune import _markdown, describe, registration_line
+from sft_core.config import load_config, redact_uri
+
+
+def _summary(url: str, local: bool, registered: dict | None) -> dict:
+    return {"run_id": "abc123", "run_url": url, "needs_local_ui": local, "metrics": {"eval/loss": 1.5},
+            "stages": [{"stage": "train", "status": "ran", "seconds": 3.0}], "registered": registered}
+
+
+def test_the_prefect_summary_links_to_the_mlflow_run_with_a_working_url():
+    cfg = load_config("demo")
+    for url, local in (("http://127.0.0.1:5000/#/experiments/1/runs/abc123", True),
+                       ("http://mlflow:5000/#/experiments/1/runs/abc123", False)):
+        text = _markdown(cfg, _summary(url, local, None))
+        (link,) = re.findall(r"\[abc123\]\(([^)]*)\)", text)
+        assert link == url, "the link target is the URL alone, no hint inside it"
+        assert ("qwen-sft ui" in text) is local
+
+
+def test_registration_says_what_it_did_to_the_aliases():
+    new = {"name": "m", "version": 3, "alias": "candidate", "reused": False, "aliases": {"candidate": 3}}
+    old = {"name": "m", "version": 1, "alias": None, "reused": True, "aliases": {"candidate": 2, "production": 2}}
+    assert registration_line(new) == "Registered `m` version 3 as `@candidate`."
+    assert registration_line(old) == ("Version 1 of `m` was already registered for this config and data; no alias "
+                                      "moved (@candidate v2, @production v2).")
+
+
+def test_run_names_say_what_differs_and_leave_out_where_it_ran():
+    assert describe("demo", ['train.learning_rate=0.001', 'workdir="/srv/x"', 'tracking.uri="http://h:5000"',
+                             'data.source="/data/rows #2.jsonl"']) == \
+        "demo train.learning_rate=0.001 data.source=/data/rows #2.jsonl"
+    assert describe("/home/me/configs/my-preset.yaml", None) == "my-preset"
+
+
+def test_secrets_never_reach_what_a_person_reads():
+    assert redact_uri("error: MLflow tracking server http://bob:p@ss@mlflow:5000/x?token=abc is unreachable") == \
+        "error: MLflow tracking server http://bob:***@mlflow:5000/x?token=*** is unreachable"
