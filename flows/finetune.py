@@ -33,6 +33,7 @@ Override = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-
                                 description="section.key=value, as `qwen-sft run --set` takes it "
                                             "(e.g. train.learning_rate=5e-5).")]
 MACHINE_KEYS = ("workdir", "tracking.", "schedule.")  # where a run lands, not what it computes: left out of names
+NAME_CHARS = 200
 
 
 def describe(config: str, overrides: list[str] | None) -> str:
@@ -48,7 +49,12 @@ def describe(config: str, overrides: list[str] | None) -> str:
         return f"{key}={value}"
 
     kept = [shown(o) for o in overrides or [] if not o.split("=", 1)[0].startswith(MACHINE_KEYS)]
-    return " ".join([Path(config).name.removesuffix(".yaml"), *kept])
+    name = Path(config).name.removesuffix(".yaml")
+    for i, item in enumerate(kept):  # run names are at most 250 characters in MLflow's database
+        if len(name) + 1 + len(item) > NAME_CHARS - 12:
+            return f"{name} (+{len(kept) - i} more)"
+        name = f"{name} {item}"
+    return name
 
 
 def _flow_run_name() -> str:
@@ -68,12 +74,13 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
     tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
+    code = code_fingerprint()  # every stage's code version, computed here once (the task threads reuse them)
     stage = StageRunner(cfg, refresh=refresh)
 
     raw = stage("ingest")
     # the MLflow run starts in the background: the data stages below do not need it. One run per (config, data,
     # code): a code change computes new results, so it is a new run, not more points in an old one
-    run_key = f"{cfg.config_hash()}-{raw.digest[:16]}-{code_fingerprint()[:8]}"
+    run_key = f"{cfg.config_hash()}-{raw.digest[:16]}-{code[:8]}"
     background = ThreadPoolExecutor(1, thread_name_prefix="mlflow-run")
     pending = background.submit(tracking.start_or_resume_run, cfg, run_key, describe(config, overrides),
                                 _run_tags(cfg, raw.digest, config, overrides), str(flow_run.id))

@@ -68,3 +68,47 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     if not ids and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+_SLOT = "\ue000{}\ue001"  # private-use characters: where a message's content goes in the rendered template
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
+    """The token ids of a chat, with every message's content encoded as plain text.
+
+    The chat template's own markup (`<|im_start|>`, `<|im_end|>`, roles) is parsed as control
+    tokens; the content of a message never is: a question that spells `<|im_end|>` or opens a
+    "system" turn stays text (`split_special_tokens=True`), so it cannot end its turn or start
+    another. For content without such strings the ids equal those of tokenizing the rendered text.
+    """
+    slots = [_SLOT.format(i) for i in range(len(messages))]
+    rendered = tokenizer.apply_chat_template([{**m, "content": slot} for m, slot in zip(messages, slots)],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    ids: list[int] = []
+    rest = rendered
+    for message, slot in zip(messages, slots):
+        markup, found, rest = rest.partition(slot)
+        if not found:
+            raise ValueError("the tokenizer's chat template does not place each message's content once")
+        ids += tokenizer(markup, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, question: str, system_prompt: str) -> list[int]:
+    """The generation prompt's ids (system + user + `<|im_start|>assistant\\n`), the question inert."""
+    return encode_chat(tokenizer, build_messages(question, system_prompt), add_generation_prompt=True)
+
+
+def encode_example(tokenizer: Any, row: dict, system_prompt: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a training row; the completion ends on the end-of-turn token."""
+    prompt = encode_prompt(tokenizer, row["question"], system_prompt)
+    full = encode_chat(tokenizer, build_messages(row["question"], system_prompt, row["think"], row["answer"]))
+    if full[: len(prompt)] != prompt:
+        raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
+    completion = full[len(prompt):]
+    end = token_id(tokenizer, IM_END)
+    if end is None or end not in completion:
+        raise ValueError(f"the chat template does not end the assistant turn with {IM_END}")
+    cut = len(completion) - completion[::-1].index(end)
+    return prompt, completion[:cut]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sft_core.chat import ENDOFTEXT, IM_END, THINK_CLOSE, THINK_OPEN, render_prompt, stop_token_ids
+from sft_core.chat import ENDOFTEXT, IM_END, THINK_CLOSE, THINK_OPEN, encode_prompt, stop_token_ids
 from sft_core.errors import ConfigError, ModelSourceError
 
 END_MARKERS = (IM_END, ENDOFTEXT)
@@ -185,8 +185,8 @@ def generate_answers(
             "(the fine-tune ends on <|im_end|>) or use a tokenizer that has <|im_end|>"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    prompts = [render_prompt(tokenizer, q, system_prompt) for q in questions]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    prompts = [encode_prompt(tokenizer, q, system_prompt) for q in questions]  # a question's text stays text
+    lengths = [len(ids) for ids in prompts]
     device = next(model.parameters()).device
     gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
@@ -204,7 +204,7 @@ def generate_answers(
             torch.manual_seed(seed)
             done = 0
             for idx in _batches(lengths, batch_size):
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
                 enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, eos_token_id=stops, pad_token_id=pad_id, **gen_kwargs)
                 for i, ids in zip(idx, out[:, enc["input_ids"].shape[1] :].tolist()):

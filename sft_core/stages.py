@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import textwrap
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,8 +255,16 @@ def _normalised(source: str) -> str:
     return ast.unparse(tree)
 
 
-@functools.cache
+_AST_LOCK = threading.Lock()  # CPython 3.11's ast is not safe across threads ("recursion depth mismatch")
+
+
 def _code_version(body: Callable, key: Callable, result: type, modules: tuple[str, ...]) -> str:
+    with _AST_LOCK:
+        return _code_version_locked(body, key, result, modules)
+
+
+@functools.cache
+def _code_version_locked(body: Callable, key: Callable, result: type, modules: tuple[str, ...]) -> str:
     parts = [_normalised(inspect.getsource(obj)) for obj in (body, key, result)]
     parts += [_module_source(name) for name in modules]
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]

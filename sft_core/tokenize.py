@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from sft_core.chat import IGNORE_INDEX, render_example
+from sft_core.chat import IGNORE_INDEX, encode_example
 
 
 @dataclass
@@ -37,16 +37,18 @@ def encode_batch(
     max_length: int,
     truncation: Literal["truncate", "drop"] = "truncate",
 ) -> dict[str, list]:
-    """`datasets.map(batched=True)` function: rows -> input_ids / attention_mask / labels / length."""
-    rendered = [
-        render_example(tokenizer, {"question": q, "think": t, "answer": a}, system_prompt)
+    """`datasets.map(batched=True)` function: rows -> input_ids / attention_mask / labels / length.
+
+    The rows' text is encoded as text (`sft_core.chat.encode_example`): only the chat template's
+    markup becomes control tokens, whatever a field spells.
+    """
+    encoded = [
+        encode_example(tokenizer, {"question": q, "think": t, "answer": a}, system_prompt)
         for q, t, a in zip(batch["question"], batch["think"], batch["answer"])
     ]
-    prompts = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([c for _, c in rendered], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": [], "truncated": [], "keep": [],
                             "response_tokens": []}
-    for p, c in zip(prompts, completions):
+    for p, c in encoded:
         ids = p + c
         labels = [IGNORE_INDEX] * len(p) + c
         truncated = len(ids) > max_length

@@ -35,7 +35,7 @@ def _write(path: Path, text: str) -> None:
     from sft_core import stages
 
     path.write_text(text, encoding="utf-8")
-    stages._code_version.cache_clear()
+    stages._code_version_locked.cache_clear()
 
 
 def test_a_changed_line_of_training_code_retrains_and_a_comment_does_not(tmp_path, monkeypatch):

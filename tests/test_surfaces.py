@@ -36,6 +36,8 @@ def test_run_names_say_what_differs_and_leave_out_where_it_ran():
                              'data.source="/data/rows #2.jsonl"']) == \
         "demo train.learning_rate=0.001 data.source=/data/rows #2.jsonl"
     assert describe("/home/me/configs/my-preset.yaml", None) == "my-preset"
+    many = describe("demo", [f"train.option_{i}=value-{i}" for i in range(40)])
+    assert len(many) <= 200 and many.endswith("more)"), "a name fits MLflow's 250-character run names"
 
 
 def test_secrets_never_reach_what_a_person_reads():
