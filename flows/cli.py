@@ -90,7 +90,8 @@ def validate(
     cfg = _config(config, [*(set_ or []), f"data.source={source}", f"data.validation_policy={policy}"])
     out = out or cfg.workdir_path / "validate-cli"
     raw = stages.STAGES["ingest"].run_into(cfg, out / "ingest", refresh=True)
-    res = stages.STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw)
+    model = _model_for_validation(cfg)
+    res = stages.STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw, model=model)
     table = Table(title=f"validation of {raw.location}")
     table.add_column("item")
     table.add_column("value", justify="right")
@@ -100,6 +101,25 @@ def validate(
     console.print(table)
     if res.bad_rows:
         console.print(f"[yellow]{res.bad_rows} rows quarantined[/] -> {res.quarantine}")
+    for warning in res.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def _model_for_validation(cfg: PipelineConfig):
+    """The base model whose tokenizer names the control tokens: at hand (a local folder, a finished base-model
+    stage, a tiny model built now), or None for a hub model not fetched yet (the suite's own list then)."""
+    from sft_core import stages
+    from sft_core.preflight import local_model_dir
+    from sft_core.sources import parse_model_source
+
+    folder = local_model_dir(cfg)
+    if folder is not None:
+        return stages.BaseModel(key=None, folder=str(folder), model_dir=str(folder))
+    if parse_model_source(cfg.model.source, revision=cfg.model.revision).kind == "tiny":
+        return stages.STAGES["base-model"].run(cfg)
+    err.print(f"[yellow]note:[/] {cfg.model.source} is not fetched yet: checked for the Qwen chat tokens only "
+              "(a run checks all of its tokenizer's control tokens)", highlight=False)
+    return None
 
 
 @app.command()
@@ -256,12 +276,13 @@ def run(
 ) -> None:
     """Run the fine-tune flow: ingest -> validate -> split -> tokenize -> train -> evaluate -> generate -> register."""
     cfg = _config(config, set_)
-    from sft_core.preflight import check_output_paths, check_sources
+    from sft_core.preflight import check_output_paths, check_readable, check_sources
     from tasks.tracking import check_reachable
 
-    # cheap checks before Prefect starts: a bad path or an unreachable server fails in seconds
+    # cheap checks before Prefect starts: a bad setting, path or file, or an unreachable server, fails in seconds
     check_output_paths(cfg)
     check_sources(cfg)
+    check_readable(cfg)
     check_reachable(cfg)
     from flows.finetune import run_in_process
 

@@ -1,6 +1,6 @@
 """The `finetune` flow: one line per stage, top to bottom, like alignment-handbook's sft.py.
 
-ingest -> validate -> split -> base-model -> tokenize -> train -> evaluate -> generate
+ingest -> base-model -> validate -> split -> tokenize -> train -> evaluate -> generate
 (-> evaluate-base -> generate-base) -> register (-> harness)
 
 Each stage is declared once in `sft_core.stages` and run by the one generic task of
@@ -87,9 +87,11 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     background.shutdown(wait=False)
     handle = None
     try:
-        valid = stage("validate", raw=raw)
-        splits = stage("split", valid=valid)
         base = stage("base-model")
+        valid = stage("validate", raw=raw, model=base)
+        for warning in valid.warnings:
+            log.warning("%s: %s", raw.location, warning)
+        splits = stage("split", valid=valid)
         tokens = stage("tokenize", splits=splits, model=base)
         budget = generation_budget(cfg, tokens)
         if budget.warning:

@@ -7,6 +7,7 @@ rendered by the tokenizer's own chat template. The Qwen2.5 base model ends a tex
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 IM_START = "<|im_start|>"
@@ -73,13 +74,43 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
 _SLOT = "\ue000{}\ue001"  # private-use characters: where a message's content goes in the rendered template
 
 
+def control_tokens(tokenizer: Any) -> list[str]:
+    """Every token the tokenizer adds to its vocabulary (special or not): `<|im_end|>`, `<|vision_start|>`,
+    `<tool_call>`, ...; text that spells one of them could be read as that token."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return sorted(set(added) | set(tokenizer.all_special_tokens), key=lambda t: (-len(t), t))
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """The ids of `text` as text: no control token can come out of it.
+
+    Special tokens are split as text (`split_special_tokens=True`); added tokens that are not
+    special (Qwen's `<tool_call>`, `<|fim_prefix|>`) would still match, so each occurrence is
+    encoded in two halves that match nothing.
+    """
+    def plain(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"] if piece else []
+
+    found = [t for t in control_tokens(tokenizer) if t in text]
+    if not found:
+        return plain(text)
+    ids: list[int] = []
+    pos = 0
+    for match in re.finditer("|".join(map(re.escape, found)), text):
+        token = match.group(0)
+        half = max(1, len(token) // 2)
+        ids += plain(text[pos:match.start()]) + plain(token[:half]) + plain(token[half:])
+        pos = match.end()
+    return ids + plain(text[pos:])
+
+
 def encode_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
     """The token ids of a chat, with every message's content encoded as plain text.
 
     The chat template's own markup (`<|im_start|>`, `<|im_end|>`, roles) is parsed as control
-    tokens; the content of a message never is: a question that spells `<|im_end|>` or opens a
-    "system" turn stays text (`split_special_tokens=True`), so it cannot end its turn or start
-    another. For content without such strings the ids equal those of tokenizing the rendered text.
+    tokens; the content of a message never is (`encode_text`): a question that spells
+    `<|im_end|>` or opens a "system" turn stays text, so it cannot end its turn or start another.
+    For content without such strings the ids equal those of tokenizing the rendered text.
     """
     slots = [_SLOT.format(i) for i in range(len(messages))]
     rendered = tokenizer.apply_chat_template([{**m, "content": slot} for m, slot in zip(messages, slots)],
@@ -91,7 +122,7 @@ def encode_chat(tokenizer: Any, messages: list[dict], *, add_generation_prompt: 
         if not found:
             raise ValueError("the tokenizer's chat template does not place each message's content once")
         ids += tokenizer(markup, add_special_tokens=False)["input_ids"]
-        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += encode_text(tokenizer, message["content"])
     return ids + tokenizer(rest, add_special_tokens=False)["input_ids"]
 
 

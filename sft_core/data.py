@@ -250,6 +250,43 @@ def _check_text(value: Any, where: str) -> None:
             _check_text(v, where)
 
 
+MAX_DEPTH = 64  # nesting a row may have (the real rows: 2, a metrics object in an object)
+
+
+def _loads(text: str, where: str) -> Any:
+    """`json.loads` that refuses an object with the same key twice (JSON's last-wins would silently drop one)
+    and nesting past MAX_DEPTH (or past Python's recursion limit), with the spot named in one line."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DataFormatError(f"{where}: key '{key}' appears twice in one object (which one is meant?)")
+            seen[key] = value
+        return seen
+
+    try:
+        obj = json.loads(text, object_pairs_hook=no_duplicates)
+    except RecursionError as exc:
+        raise DataFormatError(f"{where}: nested too deeply to be a row (more than {MAX_DEPTH} levels)") from exc
+    if _depth(obj) > MAX_DEPTH:
+        raise DataFormatError(f"{where}: nested too deeply to be a row (more than {MAX_DEPTH} levels)")
+    return obj
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of lists and objects, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                stack.extend((child, level + 1) for child in node)
+    return deepest
+
+
 def _as_row(obj: Any, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {_json_kind(obj)}")
@@ -285,7 +322,7 @@ def _parse_jsonl(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]
             continue
         where = f"{path}: line {i + 1}"
         try:
-            obj = json.loads(line)
+            obj = _loads(line, where)
         except json.JSONDecodeError as exc:
             if i == last and not text.endswith("\n") and not line.rstrip().endswith("}"):
                 raise DataFormatError(f"{where}: truncated file, the last line is cut off ({exc.msg})") from exc
@@ -297,7 +334,7 @@ def _parse_jsonl(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]
 
 def _parse_json(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     try:
-        obj = json.loads(text)
+        obj = _loads(text, str(path))
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             return _parse_jsonl(text, path)  # JSON Lines saved as .json
@@ -329,6 +366,9 @@ def _parse_csv(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
                 continue
             if header is None:
                 header = record
+                twice = sorted({name for name in header if header.count(name) > 1})
+                if twice:
+                    raise DataFormatError(f"{path}: line {line}: column '{twice[0]}' appears twice in the header")
                 continue
             if len(record) != len(header):
                 raise DataFormatError(
@@ -351,7 +391,14 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     if path.stat().st_size == 0:
         raise DataFormatError(f"{path}: file is empty (0 bytes)")
     try:
-        rows = pq.read_table(path).to_pylist()
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise DataFormatError(f"{path}: column '{twice[0]}' appears twice in the Parquet schema")
+        rows = parquet.read().to_pylist()
+    except DataFormatError:
+        raise
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
         detail = " ".join(str(exc).split())[:160]
         raise DataFormatError(f"{path}: not a readable Parquet file: {detail}") from exc

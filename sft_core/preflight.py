@@ -41,6 +41,17 @@ def check_sources(cfg: PipelineConfig) -> None:
                           f"(expected {model.path / 'config.json'})")
 
 
+def check_readable(cfg: PipelineConfig) -> None:
+    """A local data file parses into rows (a hub dataset is fetched by the ingest stage): a bad file fails in
+    seconds with its one-line error, before any orchestration starts."""
+    from sft_core.data import load_rows
+    from sft_core.sources import parse_data_source
+
+    if parse_data_source(cfg.data.source, revision=cfg.data.revision).kind in ("local", "bundled"):
+        d = cfg.data
+        load_rows(d.source, subset=d.subset, split=d.split, revision=d.revision, cache_dir=d.cache_dir)
+
+
 def check_prompt_fits(cfg: PipelineConfig, tokenizer) -> int:
     """data.max_length must leave room after the system prompt and chat markup."""
     from sft_core.chat import render_prompt

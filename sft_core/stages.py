@@ -89,6 +89,7 @@ class Validated(Result):
     report: str | None = None
     docs: str | None = None
     quarantine: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -315,27 +316,33 @@ def ingest_body(cfg: PipelineConfig, folder: Path) -> dict:
             "location": loaded.location, "extra_columns": loaded.extra_columns}
 
 
-def validate_key(cfg: PipelineConfig, raw: Ingested) -> dict:
-    return {"digest": raw.digest, **cfg.data.model_dump(include={"suite", "validation_policy", "min_rows",
-                                                                 "max_field_chars"})}
+def validate_key(cfg: PipelineConfig, raw: Ingested, model: BaseModel | None) -> dict:
+    return {"digest": raw.digest, "model": model.key if model else None,  # its tokenizer's control tokens
+            **cfg.data.model_dump(include={"suite", "validation_policy", "min_rows", "max_field_chars"})}
 
 
-def validate_body(cfg: PipelineConfig, folder: Path, raw: Ingested) -> dict:
+def validate_body(cfg: PipelineConfig, folder: Path, raw: Ingested, model: BaseModel | None) -> dict:
+    """The suite on the ingested rows; the model's tokenizer says which strings are control tokens
+    (without a model at hand, the suite's own list: the Qwen chat tokens)."""
+    from sft_core.chat import control_tokens
     from sft_core.data import dataset_digest, read_jsonl, write_jsonl
+    from sft_core.modeling import load_tokenizer
     from sft_core.validation import validate_rows
 
     d = cfg.data
+    tokens = control_tokens(load_tokenizer(model.model_dir)) if model is not None else None
     result = validate_rows(
         read_jsonl(raw.raw), source_name=raw.location, suite=d.suite, policy=d.validation_policy, out_dir=folder,
         min_rows=d.min_rows, max_field_chars=d.max_field_chars,
-        row_numbers=json.loads(Path(raw.row_numbers).read_text(encoding="utf-8")),
+        row_numbers=json.loads(Path(raw.row_numbers).read_text(encoding="utf-8")), control_tokens=tokens,
     )
     write_jsonl(result.good_rows, folder / "valid.jsonl")
     return {"valid": str(folder / "valid.jsonl"), "digest": dataset_digest(result.good_rows),
             "good_rows": len(result.good_rows), "bad_rows": len(result.bad_rows),
             "report": str(result.report_path) if result.report_path else None,
             "docs": str(result.docs_path) if result.docs_path else None,
-            "quarantine": str(result.quarantine_path) if result.quarantine_path else None}
+            "quarantine": str(result.quarantine_path) if result.quarantine_path else None,
+            "warnings": result.warnings}
 
 
 def split_key(cfg: PipelineConfig, valid: Validated) -> dict:
@@ -519,10 +526,10 @@ _GENERATE = ("sft_core.generate", "sft_core.chat", "sft_core.modeling")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "ingest", Ingested, ingest_key, ingest_body, ("sft_core.data", "sft_core.sources"), retries=2),
-    Stage("validate", "validate", Validated, validate_key, validate_body, ("sft_core.validation",)),
-    Stage("split", "split", Split, split_key, split_body, ("sft_core.split",)),
     Stage("base-model", "model", BaseModel, base_model_key, base_model_body,
           ("sft_core.modeling", "sft_core.tiny_model"), retries=2),
+    Stage("validate", "validate", Validated, validate_key, validate_body, ("sft_core.validation", "sft_core.chat")),
+    Stage("split", "split", Split, split_key, split_body, ("sft_core.split",)),
     Stage("tokenize", "tokenize", Tokenized, tokenize_key, tokenize_body, ("sft_core.tokenize", "sft_core.chat")),
     Stage("train", "train", Trained, train_key, train_body,
           ("sft_core.train", "sft_core.loss", "sft_core.modeling", "sft_core.launch", *_GENERATE), keep_partial=True),
@@ -543,13 +550,15 @@ def generation_budget(cfg: PipelineConfig, tokens: Tokenized):
 
 
 def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Result]:
-    """ingest -> validate -> split -> base model -> tokenize, without orchestration (the `prepare` command)."""
+    """ingest -> base model -> validate -> split -> tokenize, without orchestration (the `prepare` command)."""
     raw = STAGES["ingest"].run(cfg, refresh=refresh)
     log(f"ingest: {raw.rows} rows from {raw.location}")
-    valid = STAGES["validate"].run(cfg, refresh=refresh, raw=raw)
+    model = STAGES["base-model"].run(cfg, refresh=refresh)
+    valid = STAGES["validate"].run(cfg, refresh=refresh, raw=raw, model=model)
     log(f"validate: {valid.good_rows} good, {valid.bad_rows} quarantined")
+    for warning in valid.warnings:
+        log(f"warning: {warning}")
     splits = STAGES["split"].run(cfg, refresh=refresh, valid=valid)
     log(f"split: {splits.train_rows} train / {splits.val_rows} val")
-    model = STAGES["base-model"].run(cfg, refresh=refresh)
     tokens = STAGES["tokenize"].run(cfg, refresh=refresh, splits=splits, model=model)
     return {"ingest": raw, "validate": valid, "split": splits, "base-model": model, "tokenize": tokens}

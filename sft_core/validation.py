@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ class ValidationResult:
     docs_path: Path | None = None
     quarantine_path: Path | None = None
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth a look, not a reason to refuse (near duplicates)
 
 
 def suites() -> Path:
@@ -58,20 +60,36 @@ def suite_path(suite: str) -> Path:
     return path
 
 
-def load_suite(suite: str, *, min_rows: int = 10, max_field_chars: int = 20000) -> dict[str, Any]:
-    """The suite as a dict, with ``meta.bind`` / ``meta.cap`` kwargs resolved."""
+def load_suite(suite: str, *, min_rows: int = 10, max_field_chars: int = 20000,
+               control_tokens: list[str] | None = None) -> dict[str, Any]:
+    """The suite as a dict, with ``meta.bind`` / ``meta.cap`` kwargs resolved.
+
+    `control_tokens` (the tokenizer's special tokens) bind as escaped regexes; without them the
+    suite's own list (the Qwen chat tokens) stays. An expectation bound to an empty list is left
+    out (GX refuses an empty regex list).
+    """
     path = suite_path(suite)
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
-    params = {"min_rows": min_rows, "max_field_chars": max_field_chars}
+    tokens = sorted(set(control_tokens or []), key=lambda t: (-len(t), t))  # the longest first: `<|im_end|>` whole
+    params = {"min_rows": min_rows, "max_field_chars": max_field_chars,
+              "control_tokens": [re.escape(t) for t in tokens] if control_tokens is not None else None}
+    kept = []
     for exp in spec.get("expectations", []):
         meta, kwargs = exp.get("meta", {}), exp.setdefault("kwargs", {})
         for key, name in meta.get("bind", {}).items():
-            kwargs[key] = params[name]
+            if params[name] is not None:
+                kwargs[key] = params[name]
         for key, name in meta.get("cap", {}).items():
             kwargs[key] = min(kwargs[key], params[name]) if kwargs.get(key) is not None else params[name]
+        if "locate_list" in meta:
+            meta["locate"] = "|".join(kwargs[meta["locate_list"]])
+        if any(isinstance(v, list) and not v for v in kwargs.values()):
+            continue
+        kept.append(exp)
+    spec["expectations"] = kept
     return spec
 
 
@@ -86,6 +104,7 @@ def validate_rows(
     max_field_chars: int = 20000,
     row_numbers: list[int] | None = None,
     data_docs: bool = True,
+    control_tokens: list[str] | None = None,
 ) -> ValidationResult:
     """Validate ``rows`` against the suite; write the report, Data Docs and quarantine into ``out_dir``.
 
@@ -98,7 +117,7 @@ def validate_rows(
     numbers = list(range(1, len(rows) + 1)) if row_numbers is None else list(row_numbers)
     if len(numbers) != len(rows):
         raise ValueError(f"row_numbers has {len(numbers)} entries for {len(rows)} rows")
-    spec = load_suite(suite, min_rows=min_rows, max_field_chars=max_field_chars)
+    spec = load_suite(suite, min_rows=min_rows, max_field_chars=max_field_chars, control_tokens=control_tokens)
     columns = list(dict.fromkeys(e["kwargs"]["column"] for e in spec["expectations"] if "column" in e["kwargs"]))
     out_dir = Path(out_dir) if out_dir is not None else None
     gx_result, docs_path = _run_gx(spec, rows, columns, source_name, out_dir if data_docs else None)
@@ -114,6 +133,7 @@ def validate_rows(
         f"row {b['row']} column '{p['column']}' {p['reason']}" for b in bad_rows for p in b["problems"]
     ]
 
+    warnings = near_duplicates(rows, numbers, skip=set(row_problems))
     quarantine_path = None
     if policy == "quarantine" and bad_rows and out_dir is not None and not table_problems:
         quarantine_path = write_jsonl(bad_rows, out_dir / "quarantine.jsonl")
@@ -127,6 +147,7 @@ def validate_rows(
         "statistics": gx_result.get("statistics", {}),
         "expectations": summary,
         "table_problems": table_problems,
+        "warnings": warnings,
         "bad_rows": [{"row": b["row"], "problems": b["problems"]} for b in bad_rows[:200]],
         "quarantine_path": str(quarantine_path) if quarantine_path else None,
         "data_docs": str(docs_path) if docs_path else None,
@@ -140,6 +161,7 @@ def validate_rows(
     result = ValidationResult(
         success=report["success"], good_rows=good_rows, bad_rows=bad_rows, report=report,
         report_path=report_path, docs_path=docs_path, quarantine_path=quarantine_path, problems=messages,
+        warnings=warnings,
     )
     _raise_if_failed(result, table_problems, source_name=source_name, policy=policy, min_rows=min_rows)
     return result
@@ -278,9 +300,41 @@ def _attribute(
             for pos in index:
                 value = rows[pos].get(col)
                 fill = {**kwargs, "type": type(value).__name__,
-                        "length": len(value) if isinstance(value, str) else "?"}
+                        "length": len(value) if isinstance(value, str) else "?", "found": _found(meta, value)}
                 per_row.setdefault(pos, []).append((col, _fill(template, fill)))
     return per_row, table, summary
+
+
+def _found(meta: dict[str, Any], value: Any) -> str:
+    """What a `meta.locate` regex found in `value`, written so that invisible characters are named."""
+    pattern = meta.get("locate")
+    match = re.search(pattern, value) if pattern and isinstance(value, str) else None
+    if match is None:
+        return "?"
+    text = match.group(0)
+    if all(ch.isprintable() and not unicodedata.category(ch).startswith(("C", "Z")) for ch in text):
+        return f"'{text}'"
+    return " ".join(f"U+{ord(ch):04X}" for ch in text)
+
+
+def near_duplicates(rows: list[dict[str, Any]], numbers: list[int], skip: set[int] = frozenset(),
+                    column: str = "question") -> list[str]:
+    """Questions that are the same text once spaces, punctuation and case are ignored (exact copies are errors)."""
+    groups: dict[str, list[int]] = {}
+    for pos, row in enumerate(rows):
+        value = row.get(column)
+        if pos in skip or not isinstance(value, str):
+            continue
+        key = "".join(ch for ch in unicodedata.normalize("NFKC", value).casefold()
+                      if not unicodedata.category(ch).startswith(("P", "Z", "S", "C")))
+        groups.setdefault(key, []).append(pos)
+    out = []
+    for positions in groups.values():
+        texts = {rows[p][column] for p in positions}
+        if len(positions) > 1 and len(texts) > 1:
+            out.append(f"rows {', '.join(str(numbers[p]) for p in positions)}: column '{column}' is nearly the same "
+                       f"text (ignoring spaces, punctuation and case)")
+    return out
 
 
 def _fill(template: str, values: dict[str, Any]) -> str:

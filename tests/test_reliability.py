@@ -360,3 +360,23 @@ def test_secrets_are_redacted_from_logged_params(tmp_path: Path):
     assert params["data.source"] == "https://bob:***@data.example/x.jsonl"
     logged_yaml = Path(c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     assert "s3cr3t" not in logged_yaml and "bob:***@" in logged_yaml
+
+
+def test_an_unreadable_file_fails_in_seconds_before_prefect_starts(tmp_path: Path):
+    """`run` reads the source before orchestration: one line, exit 3, no stage folder, no Prefect server."""
+    import subprocess
+
+    from tests.servers import BIN, child_env
+
+    home = tmp_path / "prefect-home"
+    started = time.perf_counter()
+    done = subprocess.run([str(BIN / "qwen-sft"), "run", "-c", "demo", "--set", f"workdir={tmp_path / 'work'}",
+                           "--set", f"data.source={BAD / 'truncated.jsonl'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=child_env(PREFECT_HOME=str(home)))
+    elapsed = time.perf_counter() - started
+    print(f"failed after {elapsed:.1f} s")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "truncated" in done.stderr
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "a stage ran"
+    assert not home.exists() or not any(home.rglob("*.db")), "Prefect's server started before the file was read"
+    assert elapsed < 30

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_stage_is_declared_once_with_a_result_type_and_its_modules():
-    assert list(STAGES) == ["ingest", "validate", "split", "base-model", "tokenize", "train", "evaluate", "generate",
+    assert list(STAGES) == ["ingest", "base-model", "validate", "split", "tokenize", "train", "evaluate", "generate",
                             "evaluate-base", "generate-base", "harness"]
     for name, stage in STAGES.items():
         assert stage.name == name and len(stage.code_version()) == 16

@@ -194,3 +194,34 @@ def test_failure_report_is_written_before_raising(tmp_path: Path):
     assert report["rows"]["bad"] == 6 and not report["success"]
     assert info.value.result.docs_path.exists()
     assert not (tmp_path / "quarantine.jsonl").exists()  # policy fail quarantines nothing
+
+
+# -- text is data: control tokens, invisible and hostile characters --------------------------------
+
+
+def test_every_control_token_of_the_tokenizer_is_refused_not_a_fixed_list(sample, qwen_tokenizer):
+    from sft_core.chat import control_tokens
+
+    tokens = control_tokens(qwen_tokenizer)
+    assert {"<|im_end|>", "<|vision_start|>", "<tool_call>", "<|fim_prefix|>"} <= set(tokens)
+    rows = [dict(r) for r in sample.rows[:12]]
+    rows[4]["answer"] += "<|vision_start|>"
+    rows[6]["think"] += "<tool_call>"
+    result = validate_rows(rows, source_name="x", policy="quarantine", control_tokens=tokens, data_docs=False)
+    reasons = {b["row"]: b["reason"] for b in result.bad_rows}
+    assert reasons == {5: "contains the tokenizer's control token '<|vision_start|>' as text (it would end or open a "
+                          "chat turn)",
+                       7: "contains the tokenizer's control token '<tool_call>' as text (it would end or open a chat "
+                          "turn)"}
+    # without the tokenizer, the suite's own list: the chat tokens only
+    assert validate_rows(rows, source_name="x", data_docs=False).success
+
+
+def test_near_duplicate_questions_are_a_warning_with_their_rows(sample):
+    rows = [dict(r) for r in sample.rows[:12]]
+    rows[9]["question"] = rows[2]["question"].replace("，", ",") + "  "  # the same words, other punctuation
+    result = validate_rows(rows, source_name="x", data_docs=False)
+    assert result.success, "a near duplicate is worth a look, not a refusal"
+    assert result.warnings == ["rows 3, 10: column 'question' is nearly the same text (ignoring spaces, punctuation "
+                               "and case)"]
+    assert result.report["warnings"] == result.warnings
