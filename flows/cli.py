@@ -444,23 +444,47 @@ def serve_cmd(
 @app.command("serve-model")
 @guarded
 def serve_model_cmd(
-    alias: str = typer.Option("production", "--alias", help="Registry alias to serve."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it)."),
+    alias: str = typer.Option("production", "--alias", help="Registry alias to serve (models:/<registry.name>@alias)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A model folder or MLflow URI instead of the alias."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind. There is no authentication: to serve "
+                                                         "others, keep 127.0.0.1 and put an authenticating reverse "
+                                                         "proxy (nginx or Caddy with basic auth or OIDC) in front."),
     port: int = typer.Option(5001, "--port", help="HTTP port."),
-    workers: int = typer.Option(1, "--workers", help="Server processes (each loads the model)."),
-    timeout: int = typer.Option(600, "--timeout", help="Seconds one request may take (generation on CPU is slow)."),
+    max_new_tokens: int = typer.Option(2048, "--max-new-tokens", help="Cap on generated tokens per answer (a request "
+                                                                      "over it gets 422)."),
+    max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Cap on characters per question (413)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Cap on questions per request (413)."),
+    max_body_bytes: int = typer.Option(256 * 1024, "--max-body-bytes", help="Cap on the request body (413)."),
+    timeout: float = typer.Option(600, "--timeout", help="Seconds a request may take, waiting included; then "
+                                                         "generation stops (504)."),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Serve models:/<registry.name>@<alias> over HTTP with `mlflow models serve` (this environment)."""
-    from tasks.tracking.serving import check_alias, model_uri, serving_command
+    """Serve a registered model over HTTP (POST /invocations, MLflow's scoring format), within limits.
+
+    Generation stops when the client disconnects or the timeout passes, and SIGTERM stops the server
+    promptly. A question is encoded as text: it cannot open or close a chat turn.
+    """
+    from sft_core.serve import Generator, Limits, serve
+    from tasks.tracking import download_model
+    from tasks.tracking.serving import check_alias, model_uri
 
     cfg = _config(config, set_)
-    version = check_alias(cfg, alias)
-    argv, env = serving_command(cfg, alias=alias, host=host, port=port, workers=workers, timeout=timeout)
-    console.print(f"serving {model_uri(cfg, alias)} (version {version}) on http://{host}:{port}/invocations")
-    sys.stdout.flush()
-    os.execve(argv[0], argv, env)  # the server takes this process's place (and PID)
+    if model is None:
+        version = check_alias(cfg, alias)
+        source = model_uri(cfg, alias)
+        label = f"{source} (version {version})"
+    else:
+        source = label = model
+    folder = _model_folder(source, cfg) if model is not None else download_model(source, cfg)
+    default = cfg.data.max_length if cfg.eval.max_new_tokens == "auto" else cfg.eval.max_new_tokens
+    limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(default, max_new_tokens),
+                    max_input_chars=max_input_chars, max_batch=max_batch, max_body_bytes=max_body_bytes,
+                    timeout_s=timeout)
+    generator = Generator(folder, system_prompt=cfg.data.system_prompt, device=cfg.train.device, dtype=cfg.model.dtype)
+    console.print(f"serving {label} on http://{host}:{port}/invocations (caps: {max_new_tokens} new tokens, "
+                  f"{max_input_chars} characters, {max_batch} questions per request; {timeout:g} s)")
+    serve(generator, limits, host=host, port=port, model_name=label)
 
 
 if __name__ == "__main__":  # pragma: no cover

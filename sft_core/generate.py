@@ -139,6 +139,20 @@ def _skinny_lm_head(model: Any) -> Iterator[None]:
         del head.forward
 
 
+def _stop_when(should_stop: Callable[[], bool] | None):
+    """A stopping criterion that ends every row once `should_stop()` is true (None: no extra criterion)."""
+    if should_stop is None:
+        return None
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by prompt length (longest first), cut into batches."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -160,6 +174,7 @@ def generate_answers(
     seed: int = 0,
     references: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Generation]:
     """Answer `questions` in length-sorted, left-padded batches; results in input order.
 
@@ -167,6 +182,8 @@ def generate_answers(
     `seed` (the global RNG state is restored afterwards). `progress(done, total)` is
     called after each batch. `stopped`/`new_tokens` come from the first stop id in each
     row's generated ids (rows that stop early are padded after their stop token).
+    `should_stop()` is asked after every decoding step; when it says yes, generation ends
+    there (a server's client left, a deadline passed) and the rows come back as they are.
     """
     import torch
 
@@ -206,7 +223,8 @@ def generate_answers(
             for idx in _batches(lengths, batch_size):
                 enc = tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, padding=True, return_tensors="pt")
                 enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(**enc, eos_token_id=stops, pad_token_id=pad_id, **gen_kwargs)
+                out = model.generate(**enc, eos_token_id=stops, pad_token_id=pad_id, **gen_kwargs,
+                                     stopping_criteria=_stop_when(should_stop))
                 for i, ids in zip(idx, out[:, enc["input_ids"].shape[1] :].tolist()):
                     ref = references[i] if references is not None else None
                     results[i] = _to_generation(tokenizer, questions[i], ids, stop_set, ref)

@@ -1,4 +1,4 @@
-"""Serving a registered version: `mlflow models serve` for `models:/NAME@alias`, in this environment."""
+"""What serving needs from MLflow: the URI of `NAME@alias` and its version; the local UI's server command."""
 
 from __future__ import annotations
 
@@ -23,18 +23,6 @@ def check_alias(cfg: PipelineConfig, alias: str = "production") -> int:
     except Exception as exc:
         raise PromotionError(f"registered model '{cfg.registry.name}' (registry.name) has no @{alias} version in "
                              f"{uri}; run `qwen-sft run`, then `qwen-sft promote`") from exc
-
-
-def serving_command(cfg: PipelineConfig, *, alias: str = "production", host: str = "127.0.0.1", port: int = 5001,
-                    workers: int = 1, timeout: int = 600) -> tuple[list[str], dict[str, str]]:
-    """`mlflow models serve` for `models:/NAME@alias` in this environment, and the environment it needs."""
-    uri = tracking_uri(cfg)
-    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri(cfg, alias), "--env-manager", "local",
-            "--host", host, "--port", str(port), "--workers", str(workers), "--timeout", str(timeout)]
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-    return argv, env
 
 
 def ui_command(cfg: PipelineConfig, port: int = 5000) -> tuple[list[str], dict[str, str]]:
