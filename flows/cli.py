@@ -40,8 +40,8 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a key: section.key=val
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     from sft_core.process import configure_process
 
-    configure_process()  # before prefect, mlflow or torch load
     _DEBUG["on"] = debug or os.environ.get("QWEN_SFT_DEBUG") == "1"
+    configure_process(debug=_DEBUG["on"])  # before prefect, mlflow or torch load
 
 
 def _config(config: Optional[str], overrides: Optional[list[str]]) -> PipelineConfig:
@@ -53,6 +53,7 @@ def _fail(exc: BaseException) -> None:
         raise exc
     code = exc.exit_code if isinstance(exc, SftError) else 1
     message = " ".join(str(exc).split("\n")) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
+    message = redact_uri(message)  # no password of a URI reaches the terminal
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -366,7 +367,7 @@ def ui(
         console.print(f"the tracking server is already a UI: {redact_uri(uri)}")
         return
     argv, env = ui_command(cfg, port)
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {uri}); Ctrl-C stops it")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # the server takes this process's place: one process less to hold memory
 
@@ -376,18 +377,22 @@ def ui(
 def gc(
     keep: int = typer.Option(2, help="Finished folders to keep per stage (plus any a registered version needs)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be deleted."),
+    partial: bool = typer.Option(False, "--partial", help="Also delete crashed trainings' folders (no resume)."),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Delete old stage folders in the workdir; never one that a registered model version came from."""
+    """Free disk: old stage folders, the checkpoints of finished trainings, orphans of crashed runs.
+
+    Never what a registered version came from, nor a folder a running stage holds.
+    """
     from sft_core.workspace import gc as do_gc
     from tasks.tracking import registered_folders
 
     cfg = _config(config, set_)
-    result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run)
+    result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run, partial=partial)
     verb = "would delete" if dry_run else "deleted"
     for path in result["deleted"]:
-        console.print(f"{verb} {path}")
+        console.print(f"{verb} {path}  [dim]({result['reasons'].get(path, 'damaged checkpoint')})[/]", highlight=False)
     console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
 
 

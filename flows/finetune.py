@@ -11,6 +11,7 @@ idempotent. One MLflow run per (config, data): a re-run or a resumed crash conti
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from sft_core.config import PipelineConfig, load_config, overrides_between, redact_uri
+from sft_core.config import PipelineConfig, load_config, overrides_between, redact_uri, split_secrets
 from sft_core.preflight import preflight
 from sft_core.process import configure_process
 from sft_core.stages import generation_budget
@@ -70,7 +71,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     """
     configure_process()
     log = get_run_logger()
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, [*(overrides or []), *_SECRET_OVERRIDES.get()])
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
     tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
@@ -131,6 +132,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     except BaseException as exc:
         handle = handle or _started_run(pending)
         if handle:
+            _attach_failure(cfg, handle.run_id, exc)
             tracking.end_run(cfg, handle, "FAILED", redact_uri(f"{type(exc).__name__}: {exc}")[:500])
         raise
     retrained = any(r["stage"] == "train" and r["status"] == "ran" for r in stage.rows)
@@ -145,6 +147,11 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     return summary
 
 
+# `--set` overrides that hold a credential reach an in-process flow here, never as flow-run parameters (which
+# Prefect stores in its database in clear text)
+_SECRET_OVERRIDES: ContextVar[tuple[str, ...]] = ContextVar("qwen_sft_secret_overrides", default=())
+
+
 def run_in_process(config: str, overrides: list[str] | None = None, refresh: bool = False) -> dict:
     """Run the `finetune` flow in this process, as `qwen-sft run` does.
 
@@ -155,8 +162,33 @@ def run_in_process(config: str, overrides: list[str] | None = None, refresh: boo
     """
     from prefect.settings import temporary_settings
 
-    with temporary_settings(updates=in_process_settings()):
-        return finetune(config=config, overrides=list(overrides or []), refresh=refresh)
+    public, secret = split_secrets(list(overrides or []))
+    token = _SECRET_OVERRIDES.set(tuple(secret))
+    try:
+        with temporary_settings(updates=in_process_settings()):
+            start_ephemeral_server()
+            return finetune(config=config, overrides=public, refresh=refresh)
+    finally:
+        _SECRET_OVERRIDES.reset(token)
+
+
+def start_ephemeral_server() -> None:
+    """Start Prefect's ephemeral server under a file lock in PREFECT_HOME (none when a server is configured).
+
+    Two `qwen-sft run` processes starting at once would both migrate the same SQLite database and one of
+    them crashed; the second now waits for the first's migration and starts on a migrated database.
+    """
+    from filelock import FileLock
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    home = Path(settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / ".qwen-sft-server-start.lock")):
+        SubprocessASGIServer().start(timeout=settings.server.ephemeral.startup_timeout_seconds)
 
 
 def run_config(cfg: PipelineConfig, preset: str = "demo", refresh: bool = False) -> dict:
@@ -171,6 +203,21 @@ def in_process_settings() -> dict:
     if get_current_settings().api.url:
         return {}
     return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+
+
+def _attach_failure(cfg: PipelineConfig, run_id: str, exc: BaseException) -> None:
+    """What a person needs to see why the run failed, on the run: a failed validation's report and Data Docs."""
+    from sft_core.errors import DataValidationError
+
+    result = getattr(exc, "result", None)
+    if not isinstance(exc, DataValidationError) or result is None:
+        return
+    try:
+        tracking.log_validation(cfg, run_id, str(result.report_path) if result.report_path else None,
+                                str(result.docs_path) if result.docs_path else None,
+                                str(result.quarantine_path) if result.quarantine_path else None)
+    except Exception:  # noqa: BLE001 (the validation error is the one to report)
+        pass
 
 
 def _started_run(pending: Future) -> tracking.RunHandle | None:

@@ -324,6 +324,17 @@ def overrides_between(base: PipelineConfig, cfg: PipelineConfig) -> list[str]:
     return [format_override(k, v) for k, v in after.items() if before.get(k) != v]
 
 
+def split_secrets(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(public, secret) `--set` overrides: a secret one holds a credential (a URI password, a *_token key)."""
+    public, secret = [], []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        last = key.strip().rsplit(".", 1)[-1]
+        holds = bool(SECRET_KEY.search(last) and value.strip()) or redact_uri(value) != value
+        (secret if holds else public).append(item)
+    return public, secret
+
+
 def _field(dotted: str) -> Any:
     """The pydantic field behind `a.b.c`, naming the unknown key when the path does not exist."""
     parts = dotted.split(".")

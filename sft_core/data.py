@@ -82,9 +82,10 @@ def load_rows(
     else:
         path = src.path
         if not path.exists():
-            raise DataSourceError(_missing_file_message(source, path))
+            raise DataSourceError(_missing_file_message(source, path), transient=False)
         if path.is_dir():
-            raise DataSourceError(f"{path}: is a directory; data.source must name a {'/'.join(LOCAL_SUFFIXES)} file")
+            raise DataSourceError(f"{path}: is a directory; data.source must name a {'/'.join(LOCAL_SUFFIXES)} file",
+                                  transient=False)
         location = str(path)
         rows, numbers = _read_local(path)
     if not rows:
@@ -125,7 +126,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON Lines file of objects (as written by ``write_jsonl``); DataFormatError if malformed."""
     path = Path(path)
     if not path.exists():
-        raise DataSourceError(f"{path}: file not found")
+        raise DataSourceError(f"{path}: file not found", transient=False)
     rows, _ = _parse_jsonl(_decode(path, path.read_bytes()), path)
     return rows
 

@@ -18,6 +18,10 @@ class DataSourceError(SftError):
 
     exit_code = 3
 
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient  # a network failure may pass on a retry; a missing local file will not
+
 
 class DataFormatError(SftError):
     """A dataset file cannot be parsed into rows (bad JSON, encoding, binary, empty...)."""
@@ -36,6 +40,10 @@ class ModelSourceError(SftError):
 
     exit_code = 5
 
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
 
 class TrackingError(SftError):
     """The MLflow tracking server is unreachable or refuses us."""
@@ -53,3 +61,9 @@ class OrchestrationError(SftError):
     """The Prefect API is not configured or does not answer, or a deployment cannot be registered."""
 
     exit_code = 8
+
+
+class StorageError(SftError):
+    """The disk is full (or would be): the message names the folder, what is free and what the stage needs."""
+
+    exit_code = 9

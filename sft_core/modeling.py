@@ -58,7 +58,7 @@ def fetch_base_model(cfg: ModelConfig, folder: Path, workdir: Path) -> Path:
     if not (src.path / "config.json").exists():
         raise ModelSourceError(
             f"model.source '{cfg.source}': no model folder there (expected config.json); "
-            "use a local folder, modelscope://owner/name, hf://owner/name or tiny://"
+            "use a local folder, modelscope://owner/name, hf://owner/name or tiny://", transient=False,
         )
     return src.path
 

@@ -7,6 +7,7 @@ a value the user exported wins.
 
 from __future__ import annotations
 
+import logging
 import os
 
 # name -> default; why each one is here
@@ -40,16 +41,38 @@ QUIET_LOGGERS = {
 _user_environment: dict[str, str] | None = None
 
 
-def configure_process() -> None:
+class _ProjectErrorsWithoutTraceback(logging.Filter):
+    """A project error (`SftError`) already says what is wrong and where: Prefect's run loggers log it as one
+    line, without the traceback they add to every failure (`--debug` keeps it)."""
+
+    debug = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from sft_core.errors import SftError
+
+        if not self.debug and record.exc_info and isinstance(record.exc_info[1], SftError):
+            record.msg = f"{record.msg} {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET_TRACEBACKS = _ProjectErrorsWithoutTraceback()
+
+
+def configure_process(debug: bool | None = None) -> None:
     """Set the process defaults (before prefect, mlflow or torch are imported) and remember the user's
     own environment: libraries write some variables (`mlflow.set_tracking_uri` sets MLFLOW_TRACKING_URI)."""
     global _user_environment
     if _user_environment is None:
         _user_environment = dict(os.environ)
+    if debug is not None:  # the CLI's --debug; an entry point that does not know leaves it as it is
+        _QUIET_TRACEBACKS.debug = debug
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if _QUIET_TRACEBACKS not in logger.filters:
+            logger.addFilter(_QUIET_TRACEBACKS)
     for key, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    import logging
-
     for name, level in QUIET_LOGGERS.items():  # expected, and said once in the docs instead of on every run
         logging.getLogger(name).setLevel(level)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,15 +57,74 @@ class GenerationCheck:
 GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "rouge_l", "mean_new_tokens")
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete `checkpoint-N` folder (one that has trainer_state.json)."""
+def last_checkpoint(output_dir: str | Path, warn: Callable[[str], None] = print) -> str | None:
+    """The newest `checkpoint-N` folder that is whole; a damaged newer one is moved aside.
+
+    Whole: trainer_state.json parses, every safetensors file's header matches its size, and the
+    optimizer state (a zip, as torch saves it) has its central directory. A crash while saving or a
+    bad disk damages the newest checkpoint; resuming falls back to the one before it, and the
+    damaged one is renamed `checkpoint-N.damaged` (kept for a look, never resumed from).
+    """
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
-    if not done:
-        return None
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        if (ckpt / "trainer_state.json").exists():  # saved (or half saved) by a run: damaged, not in progress
+            aside = ckpt.with_name(f"{ckpt.name}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            ckpt.rename(aside)
+            warn(f"warning: {ckpt} is damaged ({problem}); resuming from an earlier one, it is kept as {aside.name}")
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What makes a checkpoint folder unusable for resuming, or None when it is whole."""
+    import zipfile
+
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json: {exc}"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return "no safetensors weights"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    optimizer = ckpt / "optimizer.pt"
+    if optimizer.exists():
+        try:
+            with zipfile.ZipFile(optimizer):
+                pass
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"optimizer.pt: {exc}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors: its size must match."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return f"header of {n} bytes in a {size}-byte file"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        return f"unreadable header ({exc})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + (max(ends) if ends else 0)
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    return None
 
 
 def resolve_padding_free(setting: bool | str, device: str) -> bool:
@@ -250,6 +310,30 @@ def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
+def read_metrics(metrics_file: str | Path) -> list[dict]:
+    """The lines of a metrics.jsonl; a last line cut off by a crash is left out."""
+    path = Path(metrics_file)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def drop_metrics_after(metrics_file: Path, step: int) -> None:
+    """Keep the metric lines up to `step` (atomically): what a resumed run logs again replaces the rest."""
+    if not metrics_file.exists():
+        return
+    kept = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= step]
+    tmp = metrics_file.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(metrics_file)
+
+
 def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None, progress: ProgressLine | None = None):
     """Per-step metrics to a JSONL file (always), to `sink` (e.g. MLflow) and as one line to `progress`,
     main process only."""
@@ -346,7 +430,9 @@ def run_training(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it would print every log dict a second time
-    resume = last_checkpoint(out)
+    resume = last_checkpoint(out, warn=progress or print)
+    if resume is not None:  # the steps after the checkpoint are trained again: their old lines would count twice
+        drop_metrics_after(metrics_file, int(Path(resume).name.split("-")[-1]))
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = out / "final"
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one full state dict on rank 0

@@ -16,11 +16,24 @@ from sft_core.model_card import CardFacts, render_model_card
 from sft_core.stages import Evaluated, Generated, Harnessed, Ingested, Split, Tokenized, Trained, Validated
 from tasks import tracking
 
+def locked(fn):
+    """Run a tracking task under its MLflow run's lock: two identical runs at once log each thing once."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(cfg: PipelineConfig, run_id: str, *args, **kwargs):
+        with tracking.run_lock(cfg, run_id):
+            return fn(cfg, run_id, *args, **kwargs)
+
+    return wrapper
+
+
 HEADLINE = ("eval/loss", "eval/perplexity", "gen/format_ok_rate", "gen/stop_rate", "gen/rouge_l",
             "base/gen/format_ok_rate")
 
 
 @task(name="track-data")
+@locked
 def track_data(cfg: PipelineConfig, run_id: str, raw: Ingested, valid: Validated, splits: Split,
                tokens: Tokenized) -> None:
     """Config, lineage, validation report + Data Docs, token statistics."""
@@ -43,6 +56,7 @@ def track_data(cfg: PipelineConfig, run_id: str, raw: Ingested, valid: Validated
 
 
 @task(name="track-training")
+@locked
 def track_training(cfg: PipelineConfig, run_id: str, trained: Trained) -> None:
     """Per-step curves (re-sent if an outage lost any), loss-curve PNG, checkpoints."""
     marker = f"{trained.folder}:{Path(trained.metrics_file).stat().st_size}"
@@ -74,6 +88,7 @@ def final_metrics(evaluated: Evaluated, generated: Generated, base_eval: Evaluat
 
 
 @task(name="track-evaluation")
+@locked
 def track_evaluation(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict[str, float],
                      generated: Generated, base_gen: Generated | None) -> None:
     """Final figures at the last training step (the base's at step 0) and one side-by-side predictions table."""
@@ -88,6 +103,7 @@ def track_evaluation(cfg: PipelineConfig, run_id: str, trained: Trained, metrics
 
 
 @task(name="track-harness")
+@locked
 def track_harness(cfg: PipelineConfig, run_id: str, trained: Trained, harnessed: Harnessed) -> None:
     """lm-evaluation-harness figures under `harness/`, its results and samples as artifacts."""
     if tracking.is_logged(cfg, run_id, "qwen_sft.logged.harness", harnessed.folder):
@@ -113,6 +129,7 @@ def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Train
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30])
+@locked
 def register(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict, max_new_tokens: int,
              facts: CardFacts) -> dict:
     """Log the model with its card, register a version, alias `candidate`, card as README.md and description."""

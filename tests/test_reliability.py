@@ -120,6 +120,12 @@ def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not c.search_registered_models()
+    # the failed run holds what says why: the report (JSON and page) and the Data Docs site
+    files = {f.path for f in c.list_artifacts(runs[0].info.run_id, "validation")}
+    assert {"validation/validation_report.json", "validation/validation_report.html", "validation/data_docs"} <= files
+    report = json.loads(Path(c.download_artifacts(runs[0].info.run_id, "validation/validation_report.json",
+                                                  str(tmp_path))).read_text())
+    assert report["success"] is False and report["bad_rows"]
 
 
 # --- 2. crash and resume ------------------------------------------------------------------
@@ -162,8 +168,8 @@ def test_kill_9_during_training_then_rerun_resumes_the_same_run(tmp_path: Path):
     c = MlflowClient(uri, registry_uri=uri)  # without registry_uri it follows the global URI of an earlier test
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the resumed run continues the same MLflow run"
-    steps = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
-    assert steps == set(range(1, 41))
+    steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss"))
+    assert steps == list(range(1, 41)), "every step once: the steps trained again after the checkpoint are not doubled"
     assert len(c.search_model_versions("name = 'reliability-model'")) == 1
 
 
@@ -185,7 +191,9 @@ def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
                            tags={"run_id": run.info.run_id, "train_key": "k1"})
     first = tracking.register(cfg, run.info.run_id, uri, {"eval/loss": 1.0}, "k1")
     second = tracking.register(cfg, run.info.run_id, uri, {"eval/loss": 1.0}, "k1")
-    assert first["version"] == second["version"] == 1 and first["reused"] and second["reused"]
+    assert first["version"] == second["version"] == 1
+    assert not first["reused"], "the cut-short registration is finished (its alias moved)"
+    assert second["reused"] and second["alias"] is None, "then it is done: nothing moves again"
     assert len(c.search_model_versions("name = 'idem-model'")) == 1
     assert int(c.get_model_version_by_alias("idem-model", "candidate").version) == 1
 

@@ -40,6 +40,7 @@ from tasks.tracking.runs import (
     log_predictions,
     log_validation,
     needs_local_ui,
+    run_lock,
     run_url,
     set_tags,
     start_or_resume_run,
@@ -53,6 +54,6 @@ __all__ = [
     "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "git_commit",
     "is_logged", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
     "log_metrics", "log_model", "log_predictions", "log_validation", "needs_local_ui", "promote", "register", "registered_folders", "rollback",
-    "run_of", "run_url", "serving_prompt_template", "set_tags", "start_or_resume_run", "sync_training_metrics", "tag_value",
+    "run_lock", "run_of", "run_url", "serving_prompt_template", "set_tags", "start_or_resume_run", "sync_training_metrics", "tag_value",
     "tracking_uri", "warm_store",
 ]

@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sft_core.config import PipelineConfig
+from sft_core.config import PipelineConfig, redact_uri
 from sft_core.errors import PromotionError, TrackingError
 from tasks.tracking.store import client, tracking_uri
 
@@ -63,12 +63,15 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_token
     import mlflow
     from mlflow.models import infer_signature
 
-    client(cfg)
-    existing = [m for m in mlflow.search_logged_models(experiment_ids=[client(cfg).get_run(run_id).info.experiment_id],
-                                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
-                if m.name == "model" and str(m.status).endswith("READY")]
-    if existing:
-        return existing[0].model_uri
+    c = client(cfg)
+    logged = [m for m in mlflow.search_logged_models(experiment_ids=[c.get_run(run_id).info.experiment_id],
+                                                       filter_string=f"source_run_id = '{run_id}'", output_format="list")
+              if m.name == "model"]
+    ready = [m for m in logged if str(m.status).endswith("READY")]
+    if ready:
+        return ready[0].model_uri
+    for orphan in logged:  # a crash while logging left it PENDING; this run's lock says no one else is logging it
+        c.delete_logged_model(orphan.model_id)
     # request-time generation settings a served model accepts in `"params"` (defaults: greedy, like evaluation)
     params = {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": cfg.eval.temperature,
               "top_p": cfg.eval.top_p}
@@ -231,20 +234,58 @@ def _by_alias(c, name: str, alias: str):
 
 
 def download_model(uri: str, cfg: PipelineConfig) -> Path:
-    """A local folder with config + weights + tokenizer for an MLflow model URI."""
-    import mlflow
+    """A local folder with config + weights + tokenizer for an MLflow model URI.
 
-    client(cfg)
-    dest = cfg.workdir_path / "downloads" / uri.replace(":", "_").replace("/", "_").replace("@", "_at_")
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except Exception as exc:
-        raise TrackingError(f"cannot download '{uri}' from {tracking_uri(cfg)}: {exc}") from exc
+    `models:/NAME@alias` is resolved to its version first, so a moved alias never serves an old copy.
+    A download lands in a temporary folder and is renamed into place once whole, under a lock: a crash
+    mid-download leaves nothing that a later call would trust, and a finished copy is reused.
+    """
+    import shutil
+
+    import mlflow
+    from filelock import FileLock
+
+    from sft_core.config import stable_hash
+
+    c = client(cfg)
+    pinned = _pinned(c, uri)
+    dest = cfg.workdir_path / "downloads" / (pinned.replace("models:/", "").replace("/", "-v") if pinned.startswith(
+        "models:/") else stable_hash(uri))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{dest}.lock"):
+        if not (dest / ".complete").exists():
+            partial = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            partial.mkdir()
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
+            except Exception as exc:
+                raise TrackingError(f"cannot download '{uri}' from {redact_uri(tracking_uri(cfg))}: {exc}") from exc
+            _model_folder(partial, uri)  # a model is there before it is trusted
+            (partial / ".complete").write_text(pinned, encoding="utf-8")
+            partial.rename(dest)
+    return _model_folder(dest, uri)
+
+
+def _pinned(c, uri: str) -> str:
+    """`models:/NAME@alias` as `models:/NAME/VERSION` (what the alias points to now); other URIs as they are."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri.removeprefix("models:/").split("@", 1)
+        try:
+            return f"models:/{name}/{c.get_model_version_by_alias(name, alias).version}"
+        except Exception as exc:
+            raise TrackingError(f"'{uri}': registered model '{name}' has no @{alias} version") from exc
+    return uri
+
+
+def _model_folder(local: Path, uri: str) -> Path:
+    """The transformers folder inside a downloaded MLflow model (the tokenizer copied beside the weights)."""
     for candidate in (local / "model", local / "components" / "model", local):
         if (candidate / "config.json").exists():
-            if not (candidate / "tokenizer_config.json").exists() and (local / "components" / "tokenizer").exists():
-                for f in (local / "components" / "tokenizer").iterdir():
+            tokenizer = local / "components" / "tokenizer"
+            if not (candidate / "tokenizer_config.json").exists() and tokenizer.exists():
+                for f in tokenizer.iterdir():
                     (candidate / f.name).write_bytes(f.read_bytes())
             return candidate
     raise TrackingError(f"'{uri}' does not hold a transformers model folder")

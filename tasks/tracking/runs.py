@@ -6,8 +6,10 @@ training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 import tempfile
 import threading
@@ -108,6 +110,17 @@ def _start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags:
     first = {FLOW_RUNS_TAG: flow_run} if flow_run else {}
     run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags, **first})
     return RunHandle(run.info.run_id, False, False)
+
+
+@contextlib.contextmanager
+def run_lock(cfg: PipelineConfig, run_id: str) -> Iterator[None]:
+    """One writer at a time per run: two identical runs at once log, register and evaluate it once."""
+    from filelock import FileLock
+
+    folder = cfg.workdir_path / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f"{run_id}.lock")):
+        yield
 
 
 def end_run(cfg: PipelineConfig, handle: RunHandle, status: str = "FINISHED", detail: str = "") -> None:
@@ -233,10 +246,13 @@ class BufferedMetricLogger:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failures = 0
+        self._known: dict[str, set[int]] = {}  # key -> steps the run had before this logger (fetched once per key)
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue `metrics` at `step`; a step the run already has for a key (a resumed training logs the steps after
+        its checkpoint again) is not sent twice."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -250,6 +266,7 @@ class BufferedMetricLogger:
             return True
         try:
             c = client(self.cfg)
+            batch = [m for m in batch if m.step not in self._logged_steps(c, m.key)]
             for i in range(0, len(batch), 500):
                 c.log_batch(self.run_id, metrics=batch[i : i + 500])
             return True
@@ -258,6 +275,11 @@ class BufferedMetricLogger:
             with self._lock:  # put them back, oldest first
                 self._queue = batch + self._queue
             return False
+
+    def _logged_steps(self, c, key: str) -> set[int]:
+        if key not in self._known:
+            self._known[key] = {m.step for m in c.get_metric_history(self.run_id, key)}
+        return self._known[key]
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_every):
@@ -277,13 +299,11 @@ def sync_training_metrics(cfg: PipelineConfig, run_id: str, metrics_file: str | 
     """Make sure every point of the training metrics file is in the run (after an outage or a cached train)."""
     from mlflow.entities import Metric
 
-    path = Path(metrics_file)
-    if not path.exists():
-        return 0
+    from sft_core.train import read_metrics
+
     c = client(cfg)
     points: dict[str, dict[int, float]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_metrics(metrics_file):
         step = int(rec.pop("step"))
         for k, v in rec.items():
             points.setdefault(k, {})[step] = float(v)  # the last value of a step wins (resumes re-log)
@@ -303,9 +323,10 @@ def log_loss_curve(cfg: PipelineConfig, run_id: str, metrics_file: str | Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sft_core.train import read_metrics
+
     train, evals = [], []
-    for line in Path(metrics_file).read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_metrics(metrics_file):
         if "train/loss" in rec:
             train.append((rec["step"], rec["train/loss"]))
         if "eval/loss" in rec:

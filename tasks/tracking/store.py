@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig
+from sft_core.config import PipelineConfig, redact_uri
 from sft_core.errors import TrackingError
 from sft_core.process import user_environment
 
@@ -111,23 +111,42 @@ def client(cfg: PipelineConfig):
 
 
 def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
-    """Fail fast (seconds, not minutes) when a tracking server cannot be reached."""
+    """Fail fast (seconds, not minutes) when a tracking server cannot be reached; messages never show a password.
+
+    Credentials in the URI (`http://user:pass@host`) or in MLFLOW_TRACKING_USERNAME / _PASSWORD are sent
+    with the health check, as MLflow sends them with every call.
+    """
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
     uri = tracking_uri(cfg)
+    shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
+        parts = urlsplit(uri)
+        user, password = parts.username, parts.password
+        if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        host = parts.netloc.rsplit("@", 1)[-1]
+        url = urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+        request = urllib.request.Request(url)
+        if user is not None:
+            token = base64.b64encode(f"{unquote(user)}:{unquote(password or '')}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (configured URI)
+            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (configured URI)
                 if resp.status >= 500:
-                    raise TrackingError(f"MLflow tracking server {uri} is unhealthy (HTTP {resp.status})")
+                    raise TrackingError(f"MLflow tracking server {shown} is unhealthy (HTTP {resp.status})")
         except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise TrackingError(f"MLflow tracking server {shown} refused the credentials (HTTP {exc.code}); set "
+                                    "them in the URI or in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
             if exc.code >= 500:
-                raise TrackingError(f"MLflow tracking server {uri} is unhealthy (HTTP {exc.code})") from exc
+                raise TrackingError(f"MLflow tracking server {shown} is unhealthy (HTTP {exc.code})") from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); "
+                f"MLflow tracking server {shown} is unreachable ({redact_uri(str(getattr(exc, 'reason', exc)))}); "
                 "start it (mlflow/server.sh) or unset tracking.uri / MLFLOW_TRACKING_URI for the embedded store"
-            ) from exc
+            ) from None
     else:
         cfg.workdir_path.mkdir(parents=True, exist_ok=True)
     return uri
-

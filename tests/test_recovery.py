@@ -1,0 +1,367 @@
+"""Never stuck, never leaking: each crash or corruption recovers by re-running the same command, and no
+secret reaches a message, a log line, a param, a tag or a Prefect parameter.
+
+Each test reproduces the original failure (a truncated checkpoint, a 0-byte config from a killed build, a full
+disk on a tiny tmpfs, an orphan PENDING logged model, a basic-auth MLflow server, two runs at once) and fails if
+it comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from sft_core.config import load_config
+from tests.servers import BIN, REPO, child_env, mlflow_server
+from tests.test_reliability import FAST
+
+runner = CliRunner()
+
+
+def _cli(args: list[str], tmp_path: Path, *, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "qwen-sft"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          env=env or child_env(PREFECT_HOME=str(tmp_path / "prefect-home")))
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _mlflow(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _one_of_each(c, registry: str) -> str:
+    """One run, one registered version, one logged model, no duplicate metric step; the run id."""
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [r.info.status for r in runs]
+    run_id = runs[0].info.run_id
+    assert len(c.search_model_versions(f"name = '{registry}'")) == 1
+    models = c.search_logged_models(experiment_ids=[runs[0].info.experiment_id])
+    assert len(models) == 1 and str(models[0].status).endswith("READY"), [m.status for m in models]
+    for key in ("train/loss", "eval/loss"):
+        steps = [m.step for m in c.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {sorted(steps)}"
+    return run_id
+
+
+# --- 1. a damaged checkpoint -------------------------------------------------------------------
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
+    from sft_core.train import checkpoint_problem, last_checkpoint
+
+    out = tmp_path / "train"
+    for step in (4, 8):
+        ckpt = out / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+        (ckpt / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    newest = out / "checkpoint-8" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-7])  # a crash while saving, or a bad disk
+    assert "truncated" in checkpoint_problem(out / "checkpoint-8")
+    warnings = []
+    assert last_checkpoint(out, warn=warnings.append) == str(out / "checkpoint-4")
+    assert (out / "checkpoint-8.damaged").is_dir() and not (out / "checkpoint-8").exists()
+    assert "damaged" in warnings[0] and "checkpoint-8" in warnings[0]
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{")  # a 0-byte or cut state file
+    assert last_checkpoint(out, warn=warnings.append) is None, "nothing whole: training starts over"
+
+
+@pytest.mark.slow
+def test_kill_9_then_a_truncated_newest_checkpoint_still_recovers_by_rerunning(tmp_path):
+    """The newest checkpoint's weights cut in half after a kill -9: the re-run resumes from the one before and
+    finishes with one run, one version, one logged model and every step once."""
+    overrides = [*FAST, f"workdir={tmp_path / 'work'}", "train.max_steps=40", "train.save_steps=5", "train.eval_steps=5",
+                 "train.save_total_limit=3"]
+    args = [sys.executable, "-m", "flows.cli", "run", "--config", "demo", *_sets(overrides)]
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((tmp_path / "work").glob("train/*/checkpoint-*/trainer_state.json"))) >= 2:
+                break
+            time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpts = sorted((tmp_path / "work").glob("train/*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) >= 2 and not (ckpts[0].parent / "_DONE.json").exists(), "the kill came too late"
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    done = json.loads((ckpts[-1].parent / "_DONE.json").read_text())
+    assert done["global_step"] == 40 and done["resumed_from"] == str(ckpts[-2])
+    assert (ckpts[-1].parent / f"{ckpts[-1].name}.damaged").is_dir()
+    run_id = _one_of_each(_mlflow(tmp_path), "reliability-model")
+    steps = sorted(m.step for m in _mlflow(tmp_path).get_metric_history(run_id, "train/loss"))
+    assert steps == list(range(1, 41))
+
+
+# --- 2. a half-built model, a half-done download -----------------------------------------------
+
+def test_a_killed_tiny_model_build_is_rebuilt_not_trusted(tmp_path):
+    """kill -9 during the build left a 0-byte config.json: the folder has no _DONE.json, so it is redone."""
+    from sft_core.modeling import load_model
+    from sft_core.stages import STAGES
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    stage = STAGES["base-model"]
+    folder = stage.folder_of(cfg, stage.key_of(cfg))
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_bytes(b"")
+    built = stage.run(cfg)
+    assert not built.reused and json.loads((folder / "config.json").read_text())["hidden_size"] == 32
+    assert load_model(built.model_dir, dtype="float32") is not None
+    assert stage.run(cfg).reused
+
+
+def test_an_orphan_pending_logged_model_is_removed_when_the_model_is_logged(tmp_path, tiny_model_dir):
+    """kill -9 during model logging left a PENDING logged model: the re-run logs one READY model, no orphan."""
+    from tasks import tracking
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=orphan-model"])
+    c = tracking.client(cfg)
+    exp = tracking.ensure_experiment(cfg)
+    run = c.create_run(exp)
+    orphan = c.create_logged_model(exp, name="model", source_run_id=run.info.run_id)
+    assert str(orphan.status).endswith("PENDING")
+    uri = tracking.log_model(cfg, run.info.run_id, str(tiny_model_dir), max_new_tokens=8)
+    models = c.search_logged_models(experiment_ids=[exp])
+    assert [str(m.status).split(".")[-1] for m in models] == ["READY"] and uri.endswith(models[0].model_id)
+    assert tracking.log_model(cfg, run.info.run_id, str(tiny_model_dir), max_new_tokens=8) == uri
+
+
+# --- 3. a full disk ------------------------------------------------------------------------------
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mounted = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"disk-{size}"
+        if not _tmpfs(path, size):
+            from tests.conftest import require
+
+            require(os.environ.get("CI", "").lower() != "true", "mounting a tmpfs (CI runs as root)")
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_disk_names_the_folder_and_what_is_free(tmp_path, small_disk):
+    disk = small_disk("1m")
+    done = _cli(["run", "-c", "demo", *_sets([f"workdir={disk}", "eval.harness=false"])], tmp_path, timeout=600)
+    assert done.returncode == 9, done.stderr[-3000:]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: no space left on the device of ") and str(disk) in line and "free" in line, line
+    assert "Traceback" not in done.stderr
+
+
+def test_training_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_disk):
+    from sft_core.errors import StorageError
+    from sft_core.stages import STAGES
+
+    disk = small_disk("24m")  # the data, the model (~4 MB) and its tokenized rows fit; 3 checkpoints do not
+    cfg = load_config("demo", [f"workdir={disk}"])
+    from sft_core.stages import prepare_data
+
+    prepared = prepare_data(cfg, log=lambda _m: None)
+    with pytest.raises(StorageError) as exc:
+        STAGES["train"].run(cfg, tokens=prepared["tokenize"], splits=prepared["split"], model=prepared["base-model"],
+                            max_new_tokens=64)
+    message = str(exc.value)
+    assert message.startswith("training needs about ") and str(disk) in message and "free" in message, message
+    assert not list((disk / "train").glob("*/checkpoint-*")), "it refused before any step"
+
+
+def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(tmp_path):
+    from sft_core.stages import Evaluated, write_done
+    from sft_core.workspace import gc
+
+    finished = tmp_path / "train" / "done"
+    (finished / "checkpoint-4").mkdir(parents=True)
+    (finished / "checkpoint-4" / "optimizer.pt").write_bytes(b"0" * 5000)
+    (finished / "final").mkdir()
+    (finished / "final" / "model.safetensors").write_bytes(b"0" * 1000)
+    write_done(finished, Evaluated(key="done", folder=str(finished), metrics={}))
+    crashed = tmp_path / "train" / "crashed"
+    (crashed / "checkpoint-2").mkdir(parents=True)
+    (crashed / "checkpoint-4.damaged").mkdir()
+    orphan = tmp_path / "validate" / "half"
+    orphan.mkdir(parents=True)
+    (orphan / "valid.jsonl").write_bytes(b"0" * 3000)
+    partial_download = tmp_path / "downloads" / "m-v1.partial"
+    partial_download.mkdir(parents=True)
+
+    result = gc(tmp_path, keep=1, protected={finished})  # `gc --keep 1` freed nothing before
+    assert not (finished / "checkpoint-4").exists() and (finished / "final" / "model.safetensors").exists()
+    assert not orphan.exists() and not partial_download.exists() and not (crashed / "checkpoint-4.damaged").exists()
+    assert (crashed / "checkpoint-2").exists(), "a crashed training resumes from it"
+    assert result["bytes"] >= 8000
+    gc(tmp_path, keep=1, protected=set(), partial=True)
+    assert not crashed.exists()
+
+
+# --- 4. credentials --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_tracking_uri_with_credentials_works_and_its_password_never_shows(tmp_path):
+    """`http://user:pass@host`: the reachability check uses the credentials (it refused them before), the run
+    logs to the basic-auth server, and the password is in no output, param, tag, artifact or Prefect parameter."""
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.servers import prefect_server
+
+    with mlflow_server(tmp_path / "mlflow", "sqlite", auth=True) as srv, prefect_server(tmp_path / "prefect") as pf:
+        secret_uri = srv.url.replace("http://", f"http://{srv.username}:{quote(srv.password, safe='')}@")
+        overrides = [*FAST, f"workdir={tmp_path / 'work'}", f"tracking.uri={secret_uri}", "registry.name=auth-model"]
+        env = child_env(PREFECT_API_URL=pf.api_url, PREFECT_HOME=str(tmp_path / "prefect-client"))
+        done = _cli(["run", "-c", "demo", *_sets(overrides)], tmp_path, env=env)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-3000:]
+        assert srv.password not in out and quote(srv.password, safe="") not in out
+        c = MlflowClient(srv.url)
+        os.environ.update(srv.client_env())
+        try:
+            runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+            assert len(runs) == 1
+            run = runs[0]
+            seen = json.dumps({**run.data.params, **run.data.tags})
+            assert srv.password not in seen and quote(srv.password, safe="") not in seen
+            config_yaml = Path(c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+            assert srv.password not in config_yaml
+        finally:
+            for k in srv.client_env():
+                os.environ.pop(k, None)
+        with temporary_settings({PREFECT_API_URL: pf.api_url}), get_client(sync_client=True) as client:
+            (flow_run,) = client.read_flow_runs()
+            params = json.dumps(flow_run.parameters)
+            assert "tracking.uri" not in params and srv.password not in params, params
+
+        wrong = secret_uri.replace(quote(srv.password, safe=""), "wrong-password")
+        refused = _cli(["run", "-c", "demo", *_sets([*overrides[:-2], f"tracking.uri={wrong}"])], tmp_path, env=env)
+        assert refused.returncode == 6 and "refused the credentials" in refused.stderr
+        assert "wrong-password" not in refused.stderr and f"{srv.username}:***@" in refused.stderr
+
+
+def test_messages_redact_every_uri_password():
+    result = runner.invoke(app, ["run", "-c", "demo", "--set", "tracking.uri=http://bob:p@ss@127.0.0.1:9"])
+    assert result.exit_code == 6
+    text = (result.stderr or "") + result.output
+    assert "p@ss" not in text and "bob:***@127.0.0.1:9" in text
+
+
+# --- 5. sources never touch the filesystem by accident ------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["data.source=modelscope://../../etc", "data.source=hf://../../x",
+                                     "model.source=hf://", "model.source=modelscope://Qwen/../../x",
+                                     "data.source=hf://owner/name@bad rev"])
+def test_hub_ids_are_owner_slash_name_and_never_a_local_path(setting, tmp_path):
+    result = runner.invoke(app, ["run", "-c", "demo", "--set", f"workdir={tmp_path}", "--set", setting])
+    assert result.exit_code == 2, result.output
+    line = ((result.stderr or "") + result.output).strip().splitlines()[-1]
+    assert line.startswith("error: ") and setting.split("=")[0] in line and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir()), "nothing was read or written"
+
+
+def test_a_pinned_hub_revision_parses():
+    from sft_core.sources import parse_model_source
+
+    src = parse_model_source("hf://Qwen/Qwen2.5-1.5B@8faed76")
+    assert (src.repo_id, src.revision, src.name) == ("Qwen/Qwen2.5-1.5B", "8faed76", "Qwen2.5-1.5B")
+
+
+# --- 6. no retry of what cannot heal -----------------------------------------------------------------
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_unreadable_file_in_the_flow_is_not_retried(tmp_path):
+    """Retries are for the network: a file that cannot be read fails at once, one attempt (it was retried after
+    10 s and 60 s: ~70 s and three tracebacks)."""
+    from flows.finetune import finetune
+    from sft_core.errors import DataFormatError
+
+    bad = REPO / "tests" / "data" / "bad" / "malformed_line.jsonl"
+    started = time.perf_counter()
+    with pytest.raises(DataFormatError, match="line 3: malformed JSON"):
+        finetune(config="demo", overrides=[*FAST, f"workdir={tmp_path / 'w'}", f"data.source={bad}"])
+    assert time.perf_counter() - started < 9, "an unreadable file was retried"
+
+
+def test_retries_are_only_for_what_can_heal():
+    from prefect.states import Failed
+
+    from sft_core.errors import ConfigError, DataFormatError, DataSourceError, DataValidationError, ModelSourceError
+    from tasks.stage import can_heal
+
+    def state(exc):
+        return Failed(data=exc)
+
+    assert can_heal(None, None, state(DataSourceError("network: timed out")))
+    assert can_heal(None, None, state(ModelSourceError("download failed")))
+    assert can_heal(None, None, state(ConnectionError("reset by peer")))
+    for exc in (DataSourceError("x.jsonl: file not found", transient=False), DataFormatError("bad"),
+                DataValidationError("bad rows"), ConfigError("bad key"),
+                ModelSourceError("no model folder there", transient=False)):
+        assert not can_heal(None, None, state(exc)), exc
+
+
+# --- 7. two identical runs at once -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_identical_runs_at_once_make_one_of_everything(tmp_path):
+    overrides = [*FAST, f"workdir={tmp_path / 'work'}"]
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect-home"))  # one PREFECT_HOME: its database migrated once
+    argv = [str(BIN / "qwen-sft"), "run", "-c", "demo", *_sets(overrides)]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    c = _mlflow(tmp_path)
+    run_id = _one_of_each(c, "reliability-model")
+    assert len([m for m in c.get_metric_history(run_id, "eval/loss") if m.step == 24]) <= 1
+
+
+# --- 8. --set values are what was written ------------------------------------------------------------
+
+def test_set_keeps_a_path_with_a_hash_and_a_colon_space(tmp_path):
+    source = tmp_path / "rows #2: final.jsonl"
+    shutil.copy(REPO / "tests" / "data" / "good" / "sample12.jsonl", source)
+    cfg = load_config("demo", [f"data.source={source}", "data.system_prompt=你是医生: 请先思考 # 再回答"])
+    assert cfg.data.source == str(source) and cfg.data.system_prompt == "你是医生: 请先思考 # 再回答"
+    result = runner.invoke(app, ["validate", str(source), "--out", str(tmp_path / "v"), "-c", "demo",
+                                 "--set", "data.min_rows=2"])
+    assert result.exit_code == 0, result.output
