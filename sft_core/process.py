@@ -22,6 +22,7 @@ PROCESS_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # its "View run at" line shows the URI as given, password too
     "HF_HUB_DISABLE_TELEMETRY": "1",
     # one line per logged training step (the run's progress) instead of bars for every load, save and map
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",

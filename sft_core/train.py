@@ -63,7 +63,8 @@ def last_checkpoint(output_dir: str | Path, warn: Callable[[str], None] = print)
     Whole: trainer_state.json parses, every safetensors file's header matches its size, and the
     optimizer state (a zip, as torch saves it) has its central directory. A crash while saving or a
     bad disk damages the newest checkpoint; resuming falls back to the one before it, and the
-    damaged one is renamed `checkpoint-N.damaged` (kept for a look, never resumed from).
+    damaged one is renamed `damaged-checkpoint-N` (kept for a look; a name the Trainer's checkpoint
+    rotation does not match, so it is never resumed from nor counted).
     """
     out = Path(output_dir)
     if not out.is_dir():
@@ -75,7 +76,7 @@ def last_checkpoint(output_dir: str | Path, warn: Callable[[str], None] = print)
         if problem is None:
             return str(ckpt)
         if (ckpt / "trainer_state.json").exists():  # saved (or half saved) by a run: damaged, not in progress
-            aside = ckpt.with_name(f"{ckpt.name}.damaged")
+            aside = ckpt.with_name(f"damaged-{ckpt.name}")
             shutil.rmtree(aside, ignore_errors=True)
             ckpt.rename(aside)
             warn(f"warning: {ckpt} is damaged ({problem}); resuming from an earlier one, it is kept as {aside.name}")

@@ -6,7 +6,7 @@ answer (`tasks.tracking.registered_folders`), so this module knows nothing of ML
 - finished stage folders beyond the `keep` newest per stage (unless a registered version came from them);
 - the checkpoints inside finished training folders (resume points: a finished run resumes nothing; its
   final model stays, and the selected checkpoint is in MLflow when `tracking.log_checkpoints` says so);
-- damaged checkpoints moved aside by a resume (`checkpoint-N.damaged`) and half-done downloads;
+- damaged checkpoints moved aside by a resume (`damaged-checkpoint-N`) and half-done downloads;
 - orphaned partial folders (no `_DONE.json`, and no process holds their lock) of every stage but
   training, whose partial folder is where a crashed run resumes: those go only with `partial=True`.
 """
@@ -60,7 +60,7 @@ def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = F
             if i < keep or folder.resolve() in protected:
                 plan.kept.append(folder)
                 if stage == "train":
-                    for ckpt in sorted(folder.glob("checkpoint-*")):
+                    for ckpt in sorted([*folder.glob("checkpoint-*"), *folder.glob("damaged-checkpoint-*")]):
                         plan.add(ckpt, "checkpoint of a finished training")
             else:
                 plan.add(folder, f"older than the {keep} newest finished {stage} folder(s)")
@@ -69,7 +69,7 @@ def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = F
                 plan.kept.append(folder)  # a run is working in it
             elif stage == "train" and not partial:
                 plan.kept.append(folder)  # a crashed training resumes from it
-                plan.delete.extend(c for c in folder.glob("checkpoint-*.damaged"))
+                plan.delete.extend(c for c in folder.glob("damaged-checkpoint-*"))
             else:
                 plan.add(folder, "left by a run that stopped before it finished")
     downloads = workdir / "downloads"

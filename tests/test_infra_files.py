@@ -296,3 +296,20 @@ def test_the_image_installs_the_wheel_and_no_source_tree():
     assert "requirements/lock.txt" in final and "--no-deps /tmp/dist/*.whl" in final
     copied = [line.split()[1] for line in final.splitlines() if line.startswith("COPY") and "--from" not in line]
     assert all(path.startswith("requirements/") for path in copied), copied
+
+
+def test_every_line_of_the_operations_table_names_a_test_that_exists():
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Operations: what happens when things go wrong", 1)[1].split("\n\n", 2)[2].split("\n\n")[0]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith(("| failure", "|---"))]
+    assert len(rows) >= 15
+    for row in rows:
+        refs = re.findall(r"`(?:(test_\w+)\.py)?::(test_\w+)`", row)
+        assert refs, f"no test named: {row[:80]}"
+        module = None
+        for file_part, name in refs:
+            module = file_part or module
+            source = (REPO / "tests" / f"{module}.py").read_text(encoding="utf-8")
+            assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{module}.py has no {name}"

@@ -75,7 +75,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
     assert "truncated" in checkpoint_problem(out / "checkpoint-8")
     warnings = []
     assert last_checkpoint(out, warn=warnings.append) == str(out / "checkpoint-4")
-    assert (out / "checkpoint-8.damaged").is_dir() and not (out / "checkpoint-8").exists()
+    assert (out / "damaged-checkpoint-8").is_dir() and not (out / "checkpoint-8").exists()
     assert "damaged" in warnings[0] and "checkpoint-8" in warnings[0]
     (out / "checkpoint-4" / "trainer_state.json").write_text("{")  # a 0-byte or cut state file
     assert last_checkpoint(out, warn=warnings.append) is None, "nothing whole: training starts over"
@@ -111,7 +111,7 @@ def test_kill_9_then_a_truncated_newest_checkpoint_still_recovers_by_rerunning(t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     done = json.loads((ckpts[-1].parent / "_DONE.json").read_text())
     assert done["global_step"] == 40 and done["resumed_from"] == str(ckpts[-2])
-    assert (ckpts[-1].parent / f"{ckpts[-1].name}.damaged").is_dir()
+    assert (ckpts[-1].parent / f"damaged-{ckpts[-1].name}").is_dir(), "kept aside, not rotated away"
     run_id = _one_of_each(_mlflow(tmp_path), "reliability-model")
     steps = sorted(m.step for m in _mlflow(tmp_path).get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, 41))
@@ -216,7 +216,7 @@ def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(
     write_done(finished, Evaluated(key="done", folder=str(finished), metrics={}))
     crashed = tmp_path / "train" / "crashed"
     (crashed / "checkpoint-2").mkdir(parents=True)
-    (crashed / "checkpoint-4.damaged").mkdir()
+    (crashed / "damaged-checkpoint-4").mkdir()
     orphan = tmp_path / "validate" / "half"
     orphan.mkdir(parents=True)
     (orphan / "valid.jsonl").write_bytes(b"0" * 3000)
@@ -225,7 +225,7 @@ def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(
 
     result = gc(tmp_path, keep=1, protected={finished})  # `gc --keep 1` freed nothing before
     assert not (finished / "checkpoint-4").exists() and (finished / "final" / "model.safetensors").exists()
-    assert not orphan.exists() and not partial_download.exists() and not (crashed / "checkpoint-4.damaged").exists()
+    assert not orphan.exists() and not partial_download.exists() and not (crashed / "damaged-checkpoint-4").exists()
     assert (crashed / "checkpoint-2").exists(), "a crashed training resumes from it"
     assert result["bytes"] >= 8000
     gc(tmp_path, keep=1, protected=set(), partial=True)

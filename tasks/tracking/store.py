@@ -127,15 +127,20 @@ def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
         if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
             user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
         host = parts.netloc.rsplit("@", 1)[-1]
-        url = urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
-        request = urllib.request.Request(url)
+        base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+        headers = {"Content-Type": "application/json"}
         if user is not None:
             token = base64.b64encode(f"{unquote(user)}:{unquote(password or '')}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
+            headers["Authorization"] = f"Basic {token}"
+        # /health answers without credentials; a search shows whether the server takes these ones
+        probes = [urllib.request.Request(f"{base}/health", headers=headers),
+                  urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}',
+                                         headers=headers, method="POST")]
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (configured URI)
-                if resp.status >= 500:
-                    raise TrackingError(f"MLflow tracking server {shown} is unhealthy (HTTP {resp.status})")
+            for request in probes:
+                with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (configured URI)
+                    if resp.status >= 500:
+                        raise TrackingError(f"MLflow tracking server {shown} is unhealthy (HTTP {resp.status})")
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 raise TrackingError(f"MLflow tracking server {shown} refused the credentials (HTTP {exc.code}); set "
