@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/lock.txt
 	# torch first, pinned: the CPU build on disk here, the CUDA build on a GPU box
 	$(PIP) install --quiet -r requirements/torch.txt
 	$(PIP) install --quiet -r requirements/lock.txt
-	$(PIP) install --quiet --no-deps -e ".[dev,eval]"
+	$(PIP) install --quiet --no-deps -e ".[dev,eval,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +33,8 @@ test-all: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/train_throughput.py
+	$(PY) bench/peers.py
+	$(PY) bench/loss_micro.py
 	$(PY) bench/generate.py
 	$(PY) bench/pipeline.py
 
@@ -41,7 +42,7 @@ bench: $(STAMP)
 lock: $(STAMP)
 	$(PIP) install --quiet pip-tools
 	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --extra dev \
-	    --extra eval -c requirements/torch.txt --unsafe-package torch -o requirements/lock.txt pyproject.toml
+	    --extra eval --extra bench -c requirements/torch.txt --unsafe-package torch -o requirements/lock.txt pyproject.toml
 
 clean:
 	rm -rf .qwen-sft mlruns .pytest_cache

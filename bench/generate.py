@@ -85,11 +85,11 @@ def block_stop_tokens(model, tokenizer) -> None:
         model.get_output_embeddings().weight[sorted(set(stop_token_ids(tokenizer, model.generation_config)))] = 0.0
 
 
-def tutorial_predict(model, tokenizer, questions: list[str], new_tokens: int) -> int:
+def tutorial_predict(model, tokenizer, questions: list[str], new_tokens: int, system: str = SYSTEM) -> int:
     """Variant A, as the tutorial writes it (device and max length aside); returns tokens made."""
     made = 0
     for q in questions:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": q}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         model_inputs = tokenizer([text], return_tensors="pt").to(model.device)
         generated_ids = model.generate(model_inputs.input_ids, max_new_tokens=new_tokens)

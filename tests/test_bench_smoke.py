@@ -6,6 +6,7 @@ the way it is documented in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,8 +36,22 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-def test_train_throughput_tiny():
-    assert re.fullmatch(r"train speedup [\d.]+x", last_line(run_bench("train_throughput.py", "--tiny")))
+def test_loss_micro_tiny():
+    assert re.fullmatch(r"loss micro speedup [\d.]+x", last_line(run_bench("loss_micro.py", "--tiny")))
+
+
+def test_peers_tiny(tmp_path):
+    """Every side trains (ours, TRL's SFTTrainer twice, the tutorial) and the generation part runs;
+    ours and TRL label the same rows identically and agree on their loss."""
+    require(importlib.util.find_spec("trl") is not None, "TRL (the bench extra: pip install '.[bench]')")
+    proc = run_bench("peers.py", "--tiny", env={"OUT": str(tmp_path)}, timeout=900)
+    assert re.fullmatch(r"peer train speedup vs trl-tuned [\d.]+x", last_line(proc))
+    assert "labels identical" in proc.stdout and "-> agree" in proc.stdout
+    result = json.loads((tmp_path / "peers.json").read_text(encoding="utf-8"))
+    assert set(result["runs"]) == {"ours", "ours-bs4", "trl-defaults", "trl-tuned", "tutorial"}
+    for side, runs in result["runs"].items():
+        assert runs[0]["steps"] == 3 and runs[0]["tok_s"] > 0 and runs[0]["peak_rss_mb"] > 0, side
+    assert set(result["generation"]["tok_s"]) == {"ours", "tutorial", "batched"}
 
 
 def test_generate_tiny():

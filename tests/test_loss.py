@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,6 +231,7 @@ def test_works_through_ddp_wrapper(tmp_path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    ddp = None
     try:
         batch = _flat(_examples())
         ref_loss, _, ref_grads = _loss_and_grads(_model(), batch, mode="standard")
@@ -240,6 +243,10 @@ def test_works_through_ddp_wrapper(tmp_path) -> None:
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
         _assert_grads_close({k.removeprefix("module."): v for k, v in grads.items()}, ref_grads)
     finally:
+        # the wrapper's reducer holds the process group: freed after destroy_process_group, gloo's destructor
+        # can wait forever on its worker threads (seen once in 2.13), so it goes first
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -150,6 +150,20 @@ def test_only_the_tracking_package_imports_mlflow_and_the_library_imports_no_orc
                 assert "mlflow" not in imports(path), path
 
 
+def test_trl_is_a_benchmark_extra_the_product_never_imports():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not any(dep.lower().startswith("trl") for dep in project["dependencies"])
+    assert any(dep.startswith("trl==") for dep in project["optional-dependencies"]["bench"])
+    for package in ("sft_core", "tasks", "flows"):
+        for path in REPO.joinpath(package).rglob("*.py"):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            assert "trl" not in names, path
+
+
 def test_the_cli_and_the_deploy_module_do_not_import_each_other():
     deploy = (REPO / "flows" / "deploy.py").read_text(encoding="utf-8")
     assert "flows.cli" not in deploy

@@ -52,13 +52,14 @@ def test_a_failed_builder_is_not_fatal(tmp_path: Path, monkeypatch):
 
 def test_is_logged_trusts_a_resumed_runs_tags_and_otherwise_asks_the_store(tmp_path: Path):
     cfg = _cfg(tmp_path)
-    run_id, resumed = tracking.start_or_resume_run(cfg, "key-1", "run", {})
-    assert not resumed
+    first = tracking.start_or_resume_run(cfg, "key-1", "run", {})
+    run_id = first.run_id
+    assert not first.resumed
     assert not tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m1")
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": "m1"})
     assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m1"), "asks the store: not resumed here"
-    again, resumed = tracking.start_or_resume_run(cfg, "key-1", "run", {})
-    assert (again, resumed) == (run_id, True)
+    again = tracking.start_or_resume_run(cfg, "key-1", "run", {})
+    assert (again.run_id, again.resumed) == (run_id, True)
     assert runs._resumed_tags[run_id]["qwen_sft.logged.data"] == "m1"
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": "m2"})  # logged after the resume: the store knows
     assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m2")

@@ -1,4 +1,10 @@
-"""Training throughput: the tutorial's recipe (A) against our SFT step (B), same rows, same model.
+"""Micro-benchmark of the loss and batching alone: the tutorial's step (A) against our loss path (B).
+
+Not the product's training stage and not a peer comparison: both sides are hand-written
+optimizer loops inside this script, so that the loss path (chunked cross-entropy over the
+supervised tokens), the batching and the process memory settings can be varied one at a time.
+For the product's own training stage against TRL's SFTTrainer and the tutorial's Trainer,
+run bench/peers.py.
 
 A  = the tutorial re-implemented: f-string prompt, labels = response + pad, one row per
      micro-batch (DataCollatorForSeq2Seq padding=True), gradient accumulation 4,
@@ -25,11 +31,11 @@ Qwen2-shaped model with the real 151,936-entry vocabulary. Each variant runs in 
 subprocess so that its peak RSS is its own; runs are interleaved and the median of
 --repeats is reported. The first optimizer step is a warm-up and is not timed.
 
-    timeout 1200 .venv/bin/python bench/train_throughput.py            # full (minutes)
-    .venv/bin/python bench/train_throughput.py --tiny                  # smoke (about a minute)
-    .venv/bin/python bench/train_throughput.py --variants A,B,B-nockpt,B-flat,B-bs1
+    timeout 1200 .venv/bin/python bench/loss_micro.py            # full (minutes)
+    .venv/bin/python bench/loss_micro.py --tiny                  # smoke (about a minute)
+    .venv/bin/python bench/loss_micro.py --variants A,B,B-nockpt,B-flat,B-bs1
 
-Ends with one line: ``train speedup N.NNx`` (B tok/s over A tok/s, wall clock).
+Ends with one line: ``loss micro speedup N.NNx`` (B tok/s over A tok/s, wall clock).
 """
 
 from __future__ import annotations
@@ -47,9 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHARED_ROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "delicate_medical_r1_sample.jsonl"
-BUNDLED_ROWS = REPO / "sft_core" / "sample_data" / "medical_sample.jsonl"
-PROMPT = "你是一个医学专家,你需要根据用户的问题,给出带有思考的回答。"  # the tutorial's system prompt
+from bench.common import load_rows, tokenize_like_tutorial  # noqa: E402
+
 QWEN_VOCAB = 151936
 ROWS_PER_STEP = 4
 
@@ -88,22 +93,6 @@ VARIANTS = {
 # ---------------------------------------------------------------- data and model (child side)
 
 
-def load_rows(n: int) -> tuple[list[dict], str]:
-    """n rows with question/think/answer: the shared real sample, the bundled one, else synthetic."""
-    for path in (SHARED_ROWS, BUNDLED_ROWS):
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            rows = [r for r in rows if all(k in r for k in ("question", "think", "answer"))]
-            if rows:
-                return [rows[i % len(rows)] for i in range(n)], str(path)
-    body = "患者出现发热、咳嗽和乏力，需要结合病史、体格检查与实验室检查综合判断。"
-    rows = [
-        {"question": f"问题{i}：发热伴咳嗽应如何处理？", "think": body * (8 + i % 5), "answer": body * (2 + i % 3)}
-        for i in range(n)
-    ]
-    return rows, "synthetic"
-
-
 def load_tokenizer():
     from sft_core.tiny_model import build_bpe_tokenizer, find_qwen_tokenizer_dir
     from transformers import AutoTokenizer
@@ -112,23 +101,6 @@ def load_tokenizer():
     if qwen_dir is not None:
         return AutoTokenizer.from_pretrained(str(qwen_dir)), "qwen2.5"
     return build_bpe_tokenizer(2048), "bpe"
-
-
-def tokenize_like_tutorial(rows: list[dict], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
-    """The tutorial's process_func: f-string prompt, labels = response + pad, then truncation."""
-    out = []
-    for row in rows:
-        output = f"<think>{row['think']}</think> \n {row['answer']}"  # dataset_jsonl_transfer's format
-        instruction = tokenizer(
-            f"<|im_start|>system\n{PROMPT}<|im_end|>\n<|im_start|>user\n{row['question']}<|im_end|>\n"
-            "<|im_start|>assistant\n",
-            add_special_tokens=False,
-        )
-        response = tokenizer(output, add_special_tokens=False)
-        input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
-        labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
-        out.append({"input_ids": input_ids[:max_length], "labels": labels[:max_length]})
-    return out
 
 
 def end_on_im_end(examples: list[dict], pad_id: int, im_end_id: int) -> list[dict]:
@@ -364,7 +336,7 @@ def main() -> None:
           f"{'agree' if agree else 'DISAGREE'}")
     print(f"B/A: peak RSS {medians['B'][1] / medians['A'][1]:.2f}x, RSS added by training "
           f"{medians['B'][3] / medians['A'][3]:.2f}x, tok per CPU-second {medians['B'][2] / medians['A'][2]:.2f}x")
-    print(f"train speedup {medians['B'][0] / medians['A'][0]:.2f}x")
+    print(f"loss micro speedup {medians['B'][0] / medians['A'][0]:.2f}x")
     if not agree:
         raise SystemExit(1)
 
