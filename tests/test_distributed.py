@@ -53,7 +53,7 @@ def test_train_task_trains_on_two_gloo_ranks_into_the_same_mlflow_run(tmp_path):
 
     cfg = _cfg(tmp_path, "train.num_processes=2", "train.device=cpu")
     prepared = stages.prepare_data(cfg, log=lambda _: None)
-    run_id, _ = tracking.start_or_resume_run(cfg, "distributed-test", "distributed-test", {})
+    run_id = tracking.start_or_resume_run(cfg, "distributed-test", "distributed-test", {}).run_id
 
     @flow(name="distributed-train-test")
     def train_only() -> stages.Trained:

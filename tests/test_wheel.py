@@ -51,5 +51,5 @@ def test_the_installed_wheel_runs_the_demo_outside_the_source_tree(tmp_path):
     args = [str(venv / "bin" / "qwen-sft"), "run", "--config", "demo", *[x for o in FAST for x in ("--set", o)]]
     done = subprocess.run(args, cwd=empty, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "-> @candidate" in done.stdout
+    assert "version 1 as @candidate" in done.stdout, done.stdout[-3000:]
     assert (empty / ".qwen-sft" / "mlflow.db").exists(), "the workdir is where the command ran"
