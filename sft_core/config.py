@@ -228,8 +228,9 @@ _SECRET_QUERY = re.compile(r"(token|key|secret|password|passwd|pwd|sig|signature
 def redact_uri(text: str) -> str:
     """`text` with every URL's password and secret-looking query values replaced by `***`.
 
-    The user name stays (it says whose credentials were meant); a password may contain `@`:
-    the host is what follows the last `@` of the authority.
+    The user name stays when a password follows it (it says whose credentials were meant); a user part
+    alone (`https://TOKEN@host`) is a token and is hidden. A password may contain `@`: the host is what
+    follows the last `@` of the authority.
     """
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -242,7 +243,8 @@ def redact_uri(text: str) -> str:
         netloc = parts.netloc
         if "@" in netloc:
             creds, host = netloc.rsplit("@", 1)
-            netloc = f"{creds.split(':', 1)[0]}:***@{host}"
+            user, colon, _ = creds.partition(":")
+            netloc = f"{user}:***@{host}" if colon else f"***@{host}"  # a user part alone may be a token
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)

@@ -40,9 +40,9 @@ class ModelSourceError(SftError):
 
     exit_code = 5
 
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+    def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
-        self.transient = transient
+        self.transient = transient  # only a download that failed on the network may pass on a retry
 
 
 class TrackingError(SftError):

@@ -71,7 +71,7 @@ def _download_modelscope(model_id: str, revision: str | None, cache_dir: str) ->
     except Exception as exc:  # modelscope raises NetworkError / ConnectionError / HTTPError / CacheNotFound
         raise ModelSourceError(
             f"model.source 'modelscope://{model_id}': download failed ({type(exc).__name__}: {str(exc)[:200]}); "
-            "check the network and the model id, or point model.source at a local folder"
+            "check the network and the model id, or point model.source at a local folder", transient=_may_pass(exc),
         ) from exc
 
 
@@ -90,8 +90,22 @@ def _download_hf(repo_id: str, revision: str | None, cache_dir: str) -> Path:
     except Exception as exc:
         raise ModelSourceError(
             f"model.source 'hf://{repo_id}': download failed ({type(exc).__name__}: {str(exc)[:200]}); "
-            "check the network and the repo id, or point model.source at a local folder"
+            "check the network and the repo id, or point model.source at a local folder", transient=_may_pass(exc),
         ) from exc
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether a failed download may succeed on a retry: not when the hub said the model, revision or file does
+    not exist or is gated (huggingface_hub's RepositoryNotFoundError / RevisionNotFoundError / EntryNotFoundError
+    / GatedRepoError, modelscope's NotExistError, any HTTP 401/403/404). An offline miss of the local cache
+    (LocalEntryNotFoundError) is the network's: it may pass."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "LocalEntryNotFoundError" in names:
+        return True
+    if names & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "GatedRepoError",
+                "NotExistError"}:
+        return False
+    return getattr(getattr(exc, "response", None), "status_code", None) not in (401, 403, 404)
 
 
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):

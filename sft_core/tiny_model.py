@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from sft_core.chat import CHAT_TOKENS, ENDOFTEXT, IM_END, IM_START, THINK_CLOSE, THINK_OPEN
@@ -116,13 +117,34 @@ def load_tokenizer_for_tiny(cfg: TinyModelConfig):
 
 
 def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
-    """Write a random-weight Qwen2ForCausalLM + tokenizer to `out_dir` (safetensors)."""
+    """Write a random-weight Qwen2ForCausalLM + tokenizer to `out_dir` (safetensors), a new or empty folder.
+
+    The model is built in a hidden sibling folder and renamed into place when complete, so a process killed
+    mid-build leaves no half-written `out_dir` (a 0-byte config.json) for a later run to trust.
+    """
+    cfg = cfg or TinyModelConfig()
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        from sft_core.errors import ConfigError
+
+        raise ConfigError(f"{out}: already exists and is not an empty folder; write the tiny model to a new one")
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        _write_tiny_model(partial, cfg)
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _write_tiny_model(out: Path, cfg: TinyModelConfig) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    cfg = cfg or TinyModelConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer, kind = load_tokenizer_for_tiny(cfg)
     vocab = len(tokenizer)
     if kind == "qwen2.5":
@@ -152,4 +174,3 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     (out / "TINY_MODEL.json").write_text(
         json.dumps({**cfg.model_dump(), "tokenizer": kind}, indent=2), encoding="utf-8"
     )
-    return out

@@ -15,6 +15,7 @@ from sft_core.config import PipelineConfig
 from sft_core.model_card import CardFacts, render_model_card
 from sft_core.stages import Evaluated, Generated, Harnessed, Ingested, Split, Tokenized, Trained, Validated
 from tasks import tracking
+from tasks.stage import can_heal
 
 def locked(fn):
     """Run a tracking task under its MLflow run's lock: two identical runs at once log each thing once."""
@@ -128,7 +129,7 @@ def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Train
     )
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 30])
+@task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=can_heal)
 @locked
 def register(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict, max_new_tokens: int,
              facts: CardFacts) -> dict:

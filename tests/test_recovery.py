@@ -135,6 +135,29 @@ def test_a_killed_tiny_model_build_is_rebuilt_not_trusted(tmp_path):
     assert stage.run(cfg).reused
 
 
+def test_a_tiny_model_build_that_dies_leaves_no_folder_to_trust(tmp_path, monkeypatch):
+    """`make-tiny-model` and the base-model stage write the model under a hidden name and rename it when
+    complete: a build that dies while saving leaves neither the target folder nor the partial one."""
+    from transformers import PreTrainedTokenizerBase
+
+    from sft_core.config import TinyModelConfig
+    from sft_core.errors import ConfigError
+    from sft_core.tiny_model import build_tiny_model
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt("killed while saving the tokenizer")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_model(tmp_path / "tiny", TinyModelConfig(hidden_size=32, intermediate_size=64))
+    assert list(tmp_path.iterdir()) == [], "nothing half-written is left"
+    monkeypatch.undo()
+    built = build_tiny_model(tmp_path / "tiny", TinyModelConfig(hidden_size=32, intermediate_size=64))
+    assert json.loads((built / "config.json").read_text())["hidden_size"] == 32
+    with pytest.raises(ConfigError, match="not an empty folder"):
+        build_tiny_model(built)
+
+
 def test_an_orphan_pending_logged_model_is_removed_when_the_model_is_logged(tmp_path, tiny_model_dir):
     """kill -9 during model logging left a PENDING logged model: the re-run logs one READY model, no orphan."""
     from tasks import tracking
@@ -324,19 +347,46 @@ def test_an_unreadable_file_in_the_flow_is_not_retried(tmp_path):
 def test_retries_are_only_for_what_can_heal():
     from prefect.states import Failed
 
-    from sft_core.errors import ConfigError, DataFormatError, DataSourceError, DataValidationError, ModelSourceError
+    from sft_core.errors import (ConfigError, DataFormatError, DataSourceError, DataValidationError, ModelSourceError,
+                                 TrackingError)
     from tasks.stage import can_heal
 
     def state(exc):
         return Failed(data=exc)
 
     assert can_heal(None, None, state(DataSourceError("network: timed out")))
-    assert can_heal(None, None, state(ModelSourceError("download failed")))
+    assert can_heal(None, None, state(ModelSourceError("download failed", transient=True)))
     assert can_heal(None, None, state(ConnectionError("reset by peer")))
     for exc in (DataSourceError("x.jsonl: file not found", transient=False), DataFormatError("bad"),
                 DataValidationError("bad rows"), ConfigError("bad key"),
-                ModelSourceError("no model folder there", transient=False)):
+                ModelSourceError("no model folder there"), ModelSourceError("no Qwen2.5 tokenizer files"),
+                TrackingError("refused the credentials")):
         assert not can_heal(None, None, state(exc)), exc
+
+
+def test_a_hub_download_is_retried_only_when_the_network_failed(monkeypatch):
+    """A wrong model id (the hub's not-found error) fails at once; a dropped connection may pass on a retry."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from sft_core.errors import ModelSourceError
+    from sft_core.modeling import _download_hf
+
+    def not_found(*_, **__):
+        exc = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as the hub raises it, without an HTTP reply
+        Exception.__init__(exc, "404 Client Error: Repository Not Found for url: https://hub/api/models/owner/name")
+        raise exc
+
+    def dropped(*_, **__):
+        raise ConnectionError("connection reset by peer")
+
+    for download, transient in ((not_found, False), (dropped, True)):
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+        with pytest.raises(ModelSourceError) as failed:
+            _download_hf("owner/name", None, "/nonexistent-cache")
+        assert failed.value.transient is transient and "download failed" in str(failed.value)
+    from tasks.track import register
+    assert register.retry_condition_fn is not None, "registration retries only what can heal"
 
 
 # --- 7. two identical runs at once -------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+
+import pytest
 
 from flows.finetune import _markdown, describe, registration_line
 from sft_core.config import load_config, redact_uri
@@ -43,3 +46,20 @@ def test_run_names_say_what_differs_and_leave_out_where_it_ran():
 def test_secrets_never_reach_what_a_person_reads():
     assert redact_uri("error: MLflow tracking server http://bob:p@ss@mlflow:5000/x?token=abc is unreachable") == \
         "error: MLflow tracking server http://bob:***@mlflow:5000/x?token=*** is unreachable"
+    assert redact_uri("see https://ghp_tok3n@mlflow.example/x") == "see https://***@mlflow.example/x", \
+        "a user part alone is a token"
+
+
+def test_mlflow_requests_carry_no_credentials_in_their_urls(tmp_path, monkeypatch):
+    """MLflow prints the URL of a failed request ("API request to URL failed", in tracebacks and Prefect logs):
+    credentials in `tracking.uri` travel in MLflow's username/password settings, never in that URL."""
+    from tasks.tracking.store import client
+
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"),
+                        ("MLFLOW_TRACKING_USERNAME", "unset"), ("MLFLOW_TRACKING_PASSWORD", "unset")):
+        monkeypatch.setenv(name, value)  # the last two are restored (removed) after the test
+    cfg = load_config("demo", [f"workdir={tmp_path}", "tracking.uri=http://bob:s3cr%40t@127.0.0.1:9"])
+    with pytest.raises(Exception) as failed:  # nothing listens on port 9
+        client(cfg).search_experiments()
+    assert "127.0.0.1:9" in str(failed.value) and "s3cr" not in str(failed.value), str(failed.value)
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "s3cr@t")

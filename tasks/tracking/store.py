@@ -100,10 +100,26 @@ def _ensure_store(uri: str) -> None:
         _stores_ready.add(uri)
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` for MLflow's own calls: credentials in it (`http://user:pass@host`) move to MLflow's documented
+    MLFLOW_TRACKING_USERNAME / _PASSWORD, so no URL that MLflow prints (a failed request's "API request to
+    URL failed", a traceback) can carry them."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if not uri.startswith(("http://", "https://")) or "@" not in urlsplit(uri).netloc:
+        return uri
+    parts = urlsplit(uri)
+    creds, host = parts.netloc.rsplit("@", 1)
+    user, _, password = creds.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
 def client(cfg: PipelineConfig):
     import mlflow
 
-    uri = tracking_uri(cfg)
+    uri = without_credentials(tracking_uri(cfg))
     _ensure_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
