@@ -313,3 +313,16 @@ def test_every_line_of_the_operations_table_names_a_test_that_exists():
             module = file_part or module
             source = (REPO / "tests" / f"{module}.py").read_text(encoding="utf-8")
             assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{module}.py has no {name}"
+
+
+def test_a_missing_shared_input_fails_in_ci_and_only_skips_on_a_users_clone(monkeypatch):
+    """`../shared` is there in CI: a test that needs it fails there when it is missing, never skips silently."""
+    from tests.conftest import require
+
+    require(True, "anything")  # present: nothing happens
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing in CI"):
+        require(False, "the real Qwen2.5 tokenizer")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not on this machine"):
+        require(False, "the real Qwen2.5 tokenizer")

@@ -180,3 +180,26 @@ def test_presets_are_read_from_the_package(name):
 
     assert (resources.files("sft_core.configs") / f"{name}.yaml").is_file()
     assert load_config(name) == load_config(f"configs/{name}.yaml")
+
+
+def test_a_users_own_suite_file_is_used_instead_of_the_shipped_one(tmp_path):
+    """`data.suite` names a shipped suite or the user's own .json: a suite that demands 1,000 rows refuses the
+    sample, the shipped one takes it."""
+    from importlib import resources
+
+    from sft_core.data import read_jsonl
+    from sft_core.errors import ConfigError, DataValidationError
+    from sft_core.validation import suite_path, validate_rows
+
+    shipped = json.loads((resources.files("sft_core.expectations") / "delicate_medical_r1.json").read_text("utf-8"))
+    for expectation in shipped["expectations"]:
+        if expectation["type"] == "expect_table_row_count_to_be_between":
+            expectation["kwargs"], expectation["meta"] = {"min_value": 1000}, {"reason": "my team needs 1000 rows"}
+    own = tmp_path / "my_suite.json"
+    own.write_text(json.dumps(shipped), encoding="utf-8")
+    rows = read_jsonl(resources.files("sft_core") / "sample_data" / "medical_sample.jsonl")[:20]
+    assert validate_rows(rows, source_name="sample", data_docs=False).success
+    with pytest.raises(DataValidationError, match="my team needs 1000 rows"):
+        validate_rows(rows, source_name="sample", suite=str(own), data_docs=False)
+    with pytest.raises(ConfigError, match="not found"):
+        suite_path(str(tmp_path / "missing.json"))
