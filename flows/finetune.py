@@ -275,7 +275,7 @@ def _prefect_links() -> dict[str, str]:
     ui = get_current_settings().ui_url
     if not ui or not get_current_settings().api.url:
         return {}
-    return {"prefect.flow_run_url": f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}"}
+    return {tracking.FLOW_RUN_URL_TAG: f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}"}
 
 
 def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, str, str]]:

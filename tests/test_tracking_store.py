@@ -64,3 +64,15 @@ def test_is_logged_trusts_a_resumed_runs_tags_and_otherwise_asks_the_store(tmp_p
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.data": "m2"})  # logged after the resume: the store knows
     assert tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m2")
     assert not tracking.is_logged(cfg, run_id, "qwen_sft.logged.data", "m3")
+
+
+def test_every_flow_run_that_touches_a_run_is_linked_from_it(tmp_path: Path):
+    """The creator's Prefect page stays in `prefect.flow_run_url`; a continuation adds its id to
+    `prefect.flow_run_ids` and its page as `prefect.last_flow_run_url`."""
+    cfg = _cfg(tmp_path)
+    ui = "http://127.0.0.1:4200/runs/flow-run/"
+    first = tracking.start_or_resume_run(cfg, "key-2", "run", {tracking.FLOW_RUN_URL_TAG: ui + "f1"}, "f1")
+    tracking.start_or_resume_run(cfg, "key-2", "run", {tracking.FLOW_RUN_URL_TAG: ui + "f2"}, "f2")
+    tags = tracking.client(cfg).get_run(first.run_id).data.tags
+    assert tags[tracking.FLOW_RUNS_TAG] == "f1,f2"
+    assert (tags["prefect.flow_run_url"], tags["prefect.last_flow_run_url"]) == (ui + "f1", ui + "f2")

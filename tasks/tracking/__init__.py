@@ -22,6 +22,7 @@ from tasks.tracking.models import (
     serving_prompt_template,
 )
 from tasks.tracking.runs import (
+    FLOW_RUN_URL_TAG,
     FLOW_RUNS_TAG,
     RUN_KEY_TAG,
     BufferedMetricLogger,
@@ -50,7 +51,7 @@ from tasks.tracking.runs import (
 from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri, warm_store
 
 __all__ = [
-    "ALIASES", "FLOW_RUNS_TAG", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "RunHandle", "aliases", "artifact_root", "attach_model_card",
+    "ALIASES", "FLOW_RUN_URL_TAG", "FLOW_RUNS_TAG", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "RunHandle", "aliases", "artifact_root", "attach_model_card",
     "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "git_commit",
     "is_logged", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
     "log_metrics", "log_model", "log_predictions", "log_validation", "needs_local_ui", "promote", "register", "registered_folders", "rollback",

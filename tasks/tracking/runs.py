@@ -23,6 +23,8 @@ from tasks.tracking.store import artifact_root, client, tracking_uri
 
 RUN_KEY_TAG = "qwen_sft.run_key"
 FLOW_RUNS_TAG = "prefect.flow_run_ids"  # every Prefect flow run that worked on the run, oldest first
+FLOW_RUN_URL_TAG = "prefect.flow_run_url"  # the page of the flow run that created the run (with a Prefect UI)
+LAST_FLOW_RUN_URL_TAG = "prefect.last_flow_run_url"  # the page of the latest flow run that continued it
 _resumed_tags: dict[str, dict[str, str]] = {}  # run id -> its tags when this process resumed it
 
 
@@ -105,6 +107,8 @@ def _start_or_resume_run(cfg: PipelineConfig, run_key: str, run_name: str, tags:
                   "qwen_sft.last_continued_at": now}
         if flow_run and flow_run not in flow_runs:
             update[FLOW_RUNS_TAG] = ",".join([*flow_runs, flow_run])
+        if tags.get(FLOW_RUN_URL_TAG):  # the creator's page stays; this flow run's page beside it
+            update[LAST_FLOW_RUN_URL_TAG] = tags[FLOW_RUN_URL_TAG]
         set_tags(cfg, run_id, update)
         return RunHandle(run_id, True, finished)
     first = {FLOW_RUNS_TAG: flow_run} if flow_run else {}
