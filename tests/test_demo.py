@@ -102,3 +102,22 @@ def test_the_tutorials_own_infer_script_works_on_the_exported_candidate(demo):
     assert len(generated_ids[0]) < max_new_tokens, "it stops on its own, before the token limit"
     parsed = parse_response(response)
     assert "<think>" in response and "</think>" in response and parsed.think and parsed.answer.strip()
+
+
+def test_the_harness_command_scores_the_registered_candidate(demo):
+    """`qwen-sft harness` resolves `models:/NAME@candidate` to its local folder, runs lm-eval offline on the
+    validation split and logs to the run that produced the version: the same format rate as the pipeline's."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg, summary = demo
+    done = CliRunner().invoke(app, ["harness", "-c", "demo", "--set", f"workdir={cfg.workdir_path}"],
+                              env={"COLUMNS": "200"})
+    assert done.exit_code == 0, done.output
+    assert f"logged under harness/ in MLflow run {summary['run_id']}" in done.output
+    rate = re.search(r"harness/format_ok_rate\W+([0-9.]+)", done.output)
+    assert rate and float(rate.group(1)) == pytest.approx(summary["metrics"]["gen/format_ok_rate"], abs=1e-4), \
+        done.output

@@ -144,6 +144,22 @@ def _stage_files(workdir: Path) -> dict[str, tuple[int, int]]:
             for stage in stages for p in sorted((workdir / stage).rglob("*")) if p.is_file()}
 
 
+def test_flow_runs_have_names_a_person_tells_apart(first, server):
+    """The Prefect flow run is named by the preset, the overrides that differ (machine settings left out) and
+    its start time, not by the flow's name alone."""
+    import re
+
+    from prefect.client.orchestration import get_client
+
+    _, summary, _ = first
+    flow_run_id = _client(server).get_run(summary["run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        name = prefect.read_flow_run(flow_run_id).name
+    assert name.startswith("demo ") and "train.max_steps=24" in name, name
+    assert "workdir" not in name and "tracking.uri" not in name, name
+    assert re.search(r" · \d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", name), name
+
+
 def test_second_run_is_all_cached(first, workdir, server):
     """Nothing is redone: every stage reports cached and no stage output is rewritten; the continuation leaves what
     the first run measured (status, start and end) as it was and is recorded in tags.
