@@ -98,7 +98,7 @@ class TrainConfig(_Section):
     save_total_limit: int = Field(default=2, ge=1)
     gradient_checkpointing: bool = True
     # auto: padding-free on accelerators; padded batches on CPU, where SDPA with a packed mask
-    # does ~4x the attention work of padded rows (BENCHMARKS.md, training throughput)
+    # does ~4x the attention work of padded rows (BENCHMARKS.md, loss micro-benchmark)
     padding_free: bool | Literal["auto"] = "auto"
     # supervised tokens per lm_head + cross-entropy chunk (sft_core.loss); 0: 256 on CPU, 1024 on a GPU
     loss_chunk_size: int = Field(default=0, ge=0)

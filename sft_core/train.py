@@ -147,7 +147,7 @@ def return_freed_memory_to_os(threshold_bytes: int = 4 << 20) -> bool:
     glibc's default mmap threshold is dynamic: it rises to the size of the largest block
     freed (up to 32 MiB), after which activations and gradients of many MiB come from the
     brk heap. Freed between steps, they fragment it, and a CPU training process keeps
-    ~250-400 MB it no longer uses (measured with ``bench/train_throughput.py``: peak RSS
+    ~250-400 MB it no longer uses (measured with ``bench/loss_micro.py``: peak RSS
     1,750 MB with glibc's default, 1,370 MB at 1 MiB, 1,440-1,480 MB at 4 MiB). A fixed
     threshold also turns the dynamic one off for the rest of the process.
 
