@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_core.config import PipelineConfig
+from sft_core.sources import parse_data_source
 
 DESCRIPTION_LIMIT = 5000  # characters: MLflow's model_versions.description column
 
@@ -85,7 +86,7 @@ def _render(cfg: PipelineConfig, f: CardFacts, sample_chars: int) -> str:
         "and stops on `<|im_end|>`.",
         "",
         "## Data",
-        f"- source: `{d.source}`" + (f" (subset `{d.subset}`, split `{d.split}`)" if d.source.startswith(("modelscope://", "hf://")) else ""),
+        f"- source: `{d.source}`" + (f" (subset `{d.subset}`, split `{d.split}`)" if parse_data_source(d.source).is_hub else ""),
         f"- digest (sha256 of the canonical rows): `{f.dataset_digest}`",
         f"- split: {f.train_rows} train / {f.val_rows} validation ({d.split_method}, seed {d.split_seed}, "
         f"train fraction {d.train_fraction})",
