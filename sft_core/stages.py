@@ -545,8 +545,9 @@ def generate_key(cfg: PipelineConfig, model: BaseModel | Trained, splits: Split,
 
 
 def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained, splits: Split,
-                  max_new_tokens: int) -> dict:
-    """Greedy answers to the first `eval.num_generate` validation questions, parsed and scored."""
+                  max_new_tokens: int, log: Callable[[str], None] | None = None) -> dict:
+    """Greedy answers to the first `eval.num_generate` validation questions, parsed and scored; `log` gets one
+    progress line per batch."""
     from sft_core.data import read_jsonl, write_jsonl
     from sft_core.generate import generate_answers, generation_metrics
     from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device
@@ -563,6 +564,7 @@ def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
         max_new_tokens=max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
         temperature=e.temperature, top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=cfg.train.seed,
         references=[r["answer"] for r in rows],
+        progress=(lambda done, total: log(f"answered {done}/{total} validation questions")) if log else None,
     )
     path = write_jsonl([g.to_dict() for g in gens], folder / "predictions.jsonl")
     return {"predictions": str(path), "metrics": generation_metrics(gens)}

@@ -71,12 +71,20 @@ def _training_extras(cfg: PipelineConfig, run_id: str | None) -> Iterator[dict[s
                 logger.warning("%d metric points could not reach MLflow yet; they are re-sent from metrics.jsonl", left)
 
 
+PROGRESS_STAGES = ("generate", "generate-base")  # long stages besides train that say how far they are
+
+
 @task(persist_result=True, cache_key_fn=done_cache_key)
 def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, Any], folder: str, refresh: bool = False,
                run_id: str | None = None) -> Result:
     """Run the stage `name` on `inputs` (results of earlier stages and plain values) into `folder`."""
     stage = STAGES[name]
-    extras = _training_extras(cfg, run_id) if name == "train" else contextlib.nullcontext({})
+    if name == "train":
+        extras = _training_extras(cfg, run_id)
+    elif name in PROGRESS_STAGES:  # one progress line per batch of answers in the Prefect log
+        extras = contextlib.nullcontext({"log": get_run_logger().info})
+    else:
+        extras = contextlib.nullcontext({})
     with extras as kwargs:
         return stage.run(cfg, refresh=refresh, extras=kwargs, **inputs)
 

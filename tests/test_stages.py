@@ -203,3 +203,17 @@ def test_a_users_own_suite_file_is_used_instead_of_the_shipped_one(tmp_path):
         validate_rows(rows, source_name="sample", suite=str(own), data_docs=False)
     with pytest.raises(ConfigError, match="not found"):
         suite_path(str(tmp_path / "missing.json"))
+
+
+def test_the_generate_stage_says_how_far_it_is(tmp_path):
+    """Besides training's step lines, generation (minutes at the real size) logs one line per batch."""
+    from sft_core import stages
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+                               "model.tiny.vocab_size=1024", "eval.num_generate=5", "eval.generate_batch_size=2"])
+    prepared = stages.prepare_data(cfg, log=lambda _: None)
+    lines: list[str] = []
+    stages.STAGES["generate"].run(cfg, extras={"log": lines.append}, model=prepared["base-model"],
+                                  splits=prepared["split"], max_new_tokens=4)
+    assert lines == ["answered 2/5 validation questions", "answered 4/5 validation questions",
+                     "answered 5/5 validation questions"]
