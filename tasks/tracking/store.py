@@ -100,15 +100,15 @@ def _ensure_store(uri: str) -> None:
         _stores_ready.add(uri)
 
 
-def without_credentials(uri: str) -> str:
-    """`uri` for MLflow's own calls: credentials in it (`http://user:pass@host`) move to MLflow's documented
-    MLFLOW_TRACKING_USERNAME / _PASSWORD, so no URL that MLflow prints (a failed request's "API request to
-    URL failed", a traceback) can carry them."""
+def _credentials_to_environment(uri: str) -> str:
+    """`uri` without its credentials, which move to MLflow's documented MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (`http://user:pass@host` wins over values set there): MLflow reads them for every request, and no URL it
+    prints (a failed request's "API request to URL failed", a traceback) can carry them."""
     from urllib.parse import unquote, urlsplit, urlunsplit
 
-    if not uri.startswith(("http://", "https://")) or "@" not in urlsplit(uri).netloc:
-        return uri
     parts = urlsplit(uri)
+    if not uri.startswith(("http://", "https://")) or "@" not in parts.netloc:
+        return uri
     creds, host = parts.netloc.rsplit("@", 1)
     user, _, password = creds.partition(":")
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
@@ -119,7 +119,7 @@ def without_credentials(uri: str) -> str:
 def client(cfg: PipelineConfig):
     import mlflow
 
-    uri = without_credentials(tracking_uri(cfg))
+    uri = _credentials_to_environment(tracking_uri(cfg))
     _ensure_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -133,20 +133,17 @@ def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
     with the health check, as MLflow sends them with every call.
     """
     import base64
-    from urllib.parse import unquote, urlsplit, urlunsplit
+    from urllib.parse import urlsplit, urlunsplit
 
     uri = tracking_uri(cfg)
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)
-        user, password = parts.username, parts.password
-        if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
-            user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-        host = parts.netloc.rsplit("@", 1)[-1]
-        base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+        parts = urlsplit(_credentials_to_environment(uri))
+        base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         headers = {"Content-Type": "application/json"}
-        if user is not None:
-            token = base64.b64encode(f"{unquote(user)}:{unquote(password or '')}".encode()).decode()
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if user:
+            token = base64.b64encode(f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
         # /health answers without credentials; a search shows whether the server takes these ones
         probes = [urllib.request.Request(f"{base}/health", headers=headers),
