@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import errno
 import functools
 import hashlib
 import importlib.util
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sft_core.config import PipelineConfig, stable_hash
+from sft_core.disk import check_space, free_space, is_disk_full, training_space
 from sft_core.errors import StorageError
 
 DONE = "_DONE.json"
@@ -249,61 +249,6 @@ def run_in_folder(folder: Path, body: Callable[[Path], Result], result: type[Res
                                    f"{type(exc).__name__}: {str(exc)[:200]}; free some with `qwen-sft gc`, or set "
                                    "workdir on a larger disk") from exc
             raise
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, also when a library wraps it in its own error (safetensors' SafetensorError)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def free_space(folder: Path) -> str:
-    """Free bytes on `folder`'s device (of its nearest existing parent), for a person to read."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return _size(shutil.disk_usage(probe).free)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def training_space(cfg: PipelineConfig, model_dir: str) -> int:
-    """Bytes a training run writes: the final model, and `save_total_limit` + 1 checkpoints (one more while
-    rotating, or the selected one kept), each the weights and the optimizer's two moments (~3x the weights)."""
-    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-    trains_fp32 = cfg.model.dtype == "float32" or (cfg.model.dtype == "auto" and cfg.train.device == "cpu")
-    if trains_fp32 and _stored_half(model_dir):  # bf16 on disk, fp32 when trained: checkpoints twice the size
-        weights *= 2
-    return weights + (cfg.train.save_total_limit + 1) * 3 * weights
-
-
-def _stored_half(model_dir: str) -> bool:
-    try:
-        dtype = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or ""
-    except (OSError, ValueError):
-        return False
-    return str(dtype).endswith(("bfloat16", "float16"))
-
-
-def check_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse to start work that cannot fit, before hours of it are lost at the first checkpoint."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise StorageError(f"{what} needs about {_size(needed)} in {folder}, and its device has {_size(free)} free; "
-                           "free some with `qwen-sft gc`, lower train.save_total_limit, or set workdir on a larger "
-                           "disk")
 
 
 # --- code versions: source, normalised ---------------------------------------------------------------------
