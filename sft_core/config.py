@@ -105,8 +105,8 @@ class TrainConfig(_Section):
     group_by_length: bool = True
     loss: Literal["chunked", "standard"] = "chunked"
     # which saved checkpoint becomes the final model: `gen_score` (greedy generation on the validation
-    # questions at every checkpoint: the share of answers well-formed and stopped, rouge_l breaking ties), `loss` (eval loss,
-    # the tutorial's), `none` (the last step). Eval loss and the job disagree once a small model starts
+    # questions at every checkpoint: the share of answers well-formed and stopped, rouge_l breaking ties),
+    # `loss` (eval loss, the tutorial's), `none` (the last step). Eval loss and the job disagree once a small model starts
     # to memorise: its eval loss rises while it learns to answer in the format and stop.
     metric_for_best_model: Literal["gen_score", "loss", "none"] = "gen_score"
     seed: int = 42

@@ -259,9 +259,9 @@ def generation_metrics(gens: list[Generation]) -> dict[str, float]:
     """Format adherence, ROUGE-L (NaN when no generation has a reference), stop rate, lengths, score.
 
     `score` is what checkpoint selection maximises (`train.metric_for_best_model: gen_score`): the share of
-    answers a person can use, well-formed *and* stopped, with rouge_l (0 without references) weighted 0.01,
-    so that it only breaks ties (one answer more of 13 weighs 0.076), and the score stays in [0, 1]. A checkpoint that answers one more question in the form beats any ROUGE gain, which on a small
-    model is mostly noise; averaging the three rates let a higher ROUGE buy back a lost answer.
+    answers a person can use, well-formed *and* stopped, with rouge_l (0 without references) weighted 0.01 so
+    that it only breaks ties (one answer more of 13 weighs 0.076) and the score stays in [0, 1]. Averaging the
+    three rates let a higher ROUGE-L, mostly noise on a small model, buy back a lost answer.
     """
     n = len(gens)
 
@@ -270,8 +270,9 @@ def generation_metrics(gens: list[Generation]) -> dict[str, float]:
 
     format_ok, stop = mean([float(g.format_ok) for g in gens]), mean([float(g.stopped) for g in gens])
     rouge = mean([g.rouge_l for g in gens if g.rouge_l is not None])
+    usable = mean([float(g.format_ok and g.stopped) for g in gens])
     return {
-        "score": 0.99 * mean([float(g.format_ok and g.stopped) for g in gens]) + 0.01 * (0.0 if math.isnan(rouge) else rouge),
+        "score": 0.99 * usable + 0.01 * (0.0 if math.isnan(rouge) else rouge),
         "format_ok_rate": format_ok,
         "rouge_l": rouge,
         "stop_rate": stop,
