@@ -17,10 +17,11 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from sft_core.config import PipelineConfig, load_config, redact_uri
 from sft_core.errors import SftError
-from sft_core.model_card import fmt
+from sft_core.metrics import fmt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Qwen2.5 into a medical <think> assistant.")
 console = Console()
@@ -126,7 +127,8 @@ def _model_for_validation(cfg: PipelineConfig):
 @app.command()
 @guarded
 def prepare(
-    out: Path = typer.Option(..., "--out", help="Folder for train.jsonl, val.jsonl, validation_report.json, stats.json."),
+    out: Path = typer.Option(..., "--out", help="Folder for train.jsonl, val.jsonl (select.jsonl + report.jsonl), "
+                                                "validation_sets.json, validation_report.json, stats.json."),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
     refresh: bool = typer.Option(False, help="Redo every stage."),
@@ -138,17 +140,18 @@ def prepare(
     result = prepare_data(cfg, refresh=refresh, log=console.print)
     raw, valid, splits, tokens = result["ingest"], result["validate"], result["split"], result["tokenize"]
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(splits.train, out / "train.jsonl")
-    shutil.copy(splits.val, out / "val.jsonl")
+    for name in ("train", "val", "select", "report"):  # val = select + report, cut by sft_core.split.assign_validation
+        shutil.copy(getattr(splits, name), out / f"{name}.jsonl")
+    shutil.copy(splits.sets, out / "validation_sets.json")
     if valid.report:
         shutil.copy(valid.report, out / "validation_report.json")
     stats = {
         "dataset_digest": raw.digest,
         "valid_digest": valid.digest,
         "rows": {"raw": raw.rows, "valid": valid.good_rows, "quarantined": valid.bad_rows, "train": splits.train_rows,
-                 "val": splits.val_rows},
+                 "val": splits.val_rows, "select": splits.select_rows, "report": splits.report_rows},
         "tokens": tokens.stats,
-        "truncated": sum(s["truncated"] for s in tokens.stats.values()),
+        "truncated": sum(tokens.stats[name]["truncated"] for name in ("train", "val")),
         "config_hash": cfg.config_hash(),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -157,7 +160,7 @@ def prepare(
     table.add_column("rows", justify="right")
     table.add_column("p50 / p95 / max tokens", justify="right")
     table.add_column("truncated", justify="right")
-    for name in ("train", "val"):
+    for name in ("train", "val", "select", "report"):
         st = tokens.stats[name]
         p = st["length_percentiles"]
         table.add_row(name, str(st["rows_out"]), f"{p['p50']} / {p['p95']} / {p['p100']}", str(st["truncated"]))
@@ -237,6 +240,7 @@ def harness(
     from sft_core import stages
     from sft_core.config import stable_hash
     from sft_core.harness import require_lm_eval
+    from sft_core.metrics import HARNESS, is_bound, sample_size, shown
     from tasks import tracking
 
     cfg = _config(config, set_)
@@ -253,11 +257,13 @@ def harness(
     model_ref = stages.BaseModel(key=None, folder=str(model_dir), model_dir=str(model_dir))
     result = stages.STAGES["harness"].run_into(cfg, out, refresh=True, model=model_ref, splits=splits,
                                                max_new_tokens=budget.max_new_tokens)
-    table = Table(title=f"lm-evaluation-harness: {uri}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in result.metrics.items():
-        table.add_row(f"harness/{k}", fmt(v, 0 if k == "num_samples" else 4))
+    table = Table(title=f"lm-evaluation-harness: {uri} (report questions)")
+    for column in ("metric", "value", "n"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    figures = {f"{HARNESS}{k}": v for k, v in result.metrics.items()}
+    for name in figures:
+        if not is_bound(name) and not name.endswith("num_samples"):
+            table.add_row(name, Text(shown(name, figures)), fmt(sample_size(name, figures), 0))
     console.print(table)
     run_id = tracking.run_of(cfg, uri) if uri.startswith("models:/") else None
     if run_id:
@@ -300,12 +306,12 @@ def run(
     console.print(table)
     from flows.finetune import comparison_rows
 
-    metrics = Table(title="base against fine-tuned (validation split, greedy)")
-    metrics.add_column("metric")
-    metrics.add_column("base", justify="right")
-    metrics.add_column("fine-tuned", justify="right")
-    for name, base, tuned in comparison_rows(summary["metrics"]):
-        metrics.add_row(name, base, tuned)
+    metrics = Table(title="base against fine-tuned (report questions, never seen by checkpoint selection; greedy)",
+                    caption="95 % intervals in brackets (Wilson for rates, bootstrap for ROUGE-L); n questions")
+    for column in ("metric", "base", "fine-tuned", "n"):
+        metrics.add_column(column, justify="left" if column == "metric" else "right")
+    for row in comparison_rows(summary["metrics"]):
+        metrics.add_row(*(Text(cell) for cell in row))
     console.print(metrics)
     if not summary["retrained"]:
         console.print("[yellow]data and config unchanged: training was skipped (cached)[/]")
@@ -325,29 +331,50 @@ def promote(
     version: Optional[int] = typer.Option(None, help="Version to promote (default: the alias)."),
     alias: str = typer.Option("candidate", help="Alias to promote when no version is given."),
     force: bool = typer.Option(False, help="Promote even when the gate fails."),
-    reason: str = typer.Option("", help="Why (stored as a version tag)."),
+    reason: str = typer.Option("", help="Why (stored as a version tag; required when --force overrides the gate)."),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Move @production to the candidate if it passes the metric gate; the old one becomes @previous."""
-    from flows.promote import promote_gate
+    """Move @production to the candidate if it passes the gate (better than its base and production beyond noise,
+    on the report questions); the old one becomes @previous."""
+    from sft_core.errors import PromotionError
+    from tasks import tracking
 
-    result = promote_gate(_config(config, set_), version=version, alias=alias, force=force, reason=reason)
-    for ch in result["checks"]:
-        mark = "[green]pass[/]" if ch["passed"] else "[red]FAIL[/]"
-        console.print(f"{mark} {ch['metric']}: candidate {fmt(ch['candidate'])} vs {ch['against']} {fmt(ch['reference'])} "
-                      f"({ch['rule']})")
-    console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
+    try:
+        result = tracking.promote(_config(config, set_), version=version, alias=alias, force=force, reason=reason)
+    except PromotionError as exc:
+        _print_checks(getattr(exc, "decision", None))
+        raise
+    _print_checks(result.decision)
+    if result.forced:
+        err.print(Text(f"forced: the gate refused it ({result.decision.reason}); recorded on the version with the "
+                       f"reason '{reason}'", style="yellow"))
+    console.print(f"@production -> {result.name} v{result.production}  (@previous: {result.previous})")
+
+
+def _print_checks(decision) -> None:
+    """One line per gate check: pass / FAIL / same, the two figures, their n and the interval of the difference."""
+    if decision is None:
+        return
+    for check in decision.checks:
+        mark = Text("pass ", style="green") if check.verdict == "better" else (
+            Text("FAIL ", style="red") if not check.passed else Text("same ", style="yellow"))
+        console.print(mark + Text(check.describe()), highlight=False, soft_wrap=True)
 
 
 @app.command()
 @guarded
-def rollback(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
-    """Point @production back at @previous."""
+def rollback(
+    force: bool = typer.Option(False, help="Roll back even onto a version that failed the gate (forced before)."),
+    reason: str = typer.Option("", help="Why (stored as a version tag; required with --force)."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Point @production back at @previous (refused, without --force, when @previous failed the gate)."""
     from tasks.tracking import rollback as do_rollback
 
-    result = do_rollback(_config(config, set_))
-    console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
+    result = do_rollback(_config(config, set_), force=force, reason=reason)
+    console.print(f"@production -> {result.name} v{result.production}  (@previous: {result.previous})")
 
 
 @app.command()

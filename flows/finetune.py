@@ -110,7 +110,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
         base_gen = (stage("generate-base", model=base, splits=splits, max_new_tokens=new_tokens)
                     if cfg.eval.compare_base else None)
         metrics = track.final_metrics(evaluated, generated, base_eval, base_gen)
-        track.track_evaluation(cfg, run_id, trained, metrics, generated, base_gen)
+        track.track_evaluation(cfg, run_id, trained, metrics, splits, evaluated, generated, base_eval, base_gen)
         registered = None
         if cfg.registry.enabled and cfg.tracking.log_model:
             facts = track.card_facts(cfg, raw, splits, trained, metrics, generated)
@@ -124,9 +124,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
             log.info("version %s was registered by an earlier run of this config and data: no alias moved (%s)",
                      registered["version"], _aliases_line(registered["aliases"]))
         elif registered and cfg.registry.auto_promote:
-            from flows.promote import promote_gate
-
-            promoted = promote_gate(cfg, reason="auto_promote after retraining")
+            promoted = tracking.promote(cfg, reason="auto_promote after retraining")
         tracking.set_tags(cfg, run_id, {"qwen_sft.stages": _stage_summary(stage.rows)})
         tracking.end_run(cfg, handle, "FINISHED")
     except BaseException as exc:
@@ -278,14 +276,19 @@ def _prefect_links() -> dict[str, str]:
     return {tracking.FLOW_RUN_URL_TAG: f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}"}
 
 
-def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
-    """(metric, base, fine-tuned) for the run's figures, one rounding rule (`sft_core.model_card.fmt`)."""
-    from sft_core.model_card import fmt
+def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    """(metric, base, fine-tuned, n) for the run's figures: rates and ROUGE-L as `0.85 [0.58, 0.96]`, one rounding
+    rule (`sft_core.metrics`), n the number of report questions behind the figure."""
+    from sft_core.metrics import BASE, base, fmt, is_bound, sample_size, shown
 
-    digits = {"eval/perplexity": 2, "gen/mean_new_tokens": 1, "gen/mean_think_chars": 1, "gen/mean_answer_chars": 1,
-              "gen/num_samples": 0, "harness/num_samples": 0}
-    return [(k, fmt(metrics.get(f"base/{k}"), digits.get(k, 4)), fmt(v, digits.get(k, 4)))
-            for k, v in metrics.items() if not k.startswith("base/")]
+    hidden = ("gen/num_samples", "harness/num_samples", "eval/examples")
+    rows = []
+    for name in metrics:
+        if name.startswith(BASE) or is_bound(name) or name in hidden:
+            continue
+        n = sample_size(name, metrics)
+        rows.append((name, shown(base(name), metrics), shown(name, metrics), fmt(n, 0) if n is not None else "—"))
+    return rows
 
 
 def _stage_summary(rows: list[dict[str, Any]]) -> str:
@@ -297,8 +300,9 @@ def _markdown(cfg: PipelineConfig, s: dict) -> str:
     lines = [f"# qwen-sft run `{cfg.name}`", "", f"MLflow run: [{s['run_id']}]({s['run_url']}){ui}", "",
              "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in s["stages"]]
-    lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
-    lines += [f"| {name} | {b} | {t} |" for name, b, t in comparison_rows(s["metrics"])]
+    lines += ["", "On the report questions (never seen by checkpoint selection); 95 % intervals in brackets.", "",
+              "| metric | base | fine-tuned | n |", "|---|---|---|---|"]
+    lines += [f"| {name} | {b} | {t} | {n} |" for name, b, t, n in comparison_rows(s["metrics"])]
     lines += ["", registration_line(s["registered"])] if s["registered"] else []
     return "\n".join(lines)
 

@@ -48,6 +48,9 @@ class DataConfig(_Section):
     split_method: Literal["shuffle", "hash"] = "shuffle"
     train_fraction: float = Field(default=0.9, gt=0.0, lt=1.0)
     split_seed: int = 42
+    # the share of the validation rows that choose the checkpoint (eval loss and the generation check during
+    # training); the rest, never seen by selection, report the model's figures (sft_core.split.assign_validation)
+    selection_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_length: int = Field(default=2048, ge=16)
     truncation: Literal["truncate", "drop"] = "truncate"
@@ -127,7 +130,8 @@ class EvalConfig(_Section):
     """Validation metrics and sample generation."""
 
     batch_size: int = Field(default=8, ge=1)
-    num_generate: int = Field(default=16, ge=0)
+    # questions answered per set (selection at every save, report once per model); null: all of them
+    num_generate: int | None = Field(default=None, ge=0)
     generate_batch_size: int = Field(default=16, ge=1)
     # `auto`: the 99th percentile of the validation responses' token counts plus a quarter, capped at
     # data.max_length; a number below their 95th percentile is warned about before generation
@@ -157,10 +161,16 @@ class TrackingConfig(_Section):
 
 
 class GateConfig(_Section):
-    """Promotion gate: candidate vs current production."""
+    """Promotion gate (`sft_core.gate`): the candidate against its base and the current production, on the
+    report questions, each difference judged by its 95 % interval."""
 
-    max_eval_loss_increase: float = 0.0
-    min_format_ok_delta: float = 0.0
+    # how many points of format rate over production count as better (0: any gain beyond noise)
+    min_format_ok_delta: float = Field(default=0.0, ge=0.0)
+    # an eval-loss rise over production up to this never counts as worse (0: any rise beyond noise does)
+    max_eval_loss_increase: float = Field(default=0.0, ge=0.0)
+    # a candidate not distinguishable from production (a weekly retrain as good as the last) passes;
+    # against its base it must always be better
+    allow_equal: bool = False
 
 
 class RegistryConfig(_Section):

@@ -33,10 +33,11 @@ class ParsedResponse:
 def parse_response(text: str) -> ParsedResponse:
     """Split a completion into think and answer.
 
-    Text after the first end marker (`<|im_end|>`, `<|endoftext|>`) is dropped. The answer
-    is what follows the *last* `</think>`; the think is what precedes it, stray tags
-    removed (so a missing open tag still yields a think). With no `</think>`, an opened
-    `<think>` makes everything after it think (answer empty), else all of it is answer.
+    Text after the first end marker (`<|im_end|>`, `<|endoftext|>`) is dropped. The answer is
+    what follows the *last* `</think>`, and only that: a completion that never closes its think
+    block has no answer (a reasoning model cut off mid-thought has not answered, and scoring its
+    reasoning as an answer would reward rambling). The think is what precedes `</think>`, stray
+    tags removed; with no `</think>`, whatever follows an opened `<think>` (else nothing).
     `format_ok`: exactly one `<think>` (first, after optional whitespace), exactly one
     `</think>`, and a non-blank answer.
     """
@@ -49,7 +50,7 @@ def parse_response(text: str) -> ParsedResponse:
     elif THINK_OPEN in text:
         think, answer = text[text.find(THINK_OPEN) :], ""
     else:
-        think, answer = "", text
+        think, answer = "", ""
     ok = (
         text.startswith(THINK_OPEN)
         and text.count(THINK_OPEN) == 1
@@ -256,30 +257,36 @@ def _to_generation(tokenizer: Any, question: str, ids: list[int], stops: set[int
 
 
 def generation_metrics(gens: list[Generation]) -> dict[str, float]:
-    """Format adherence, ROUGE-L (NaN when no generation has a reference), stop rate, lengths, score.
+    """Format adherence, stop and usable rates and ROUGE-L, each with its 95 % interval (`…_lo`, `…_hi`:
+    Wilson for the rates, a fixed-seed bootstrap for ROUGE-L; NaN when no generation has a reference),
+    lengths, the number of questions, and the selection score.
 
-    `score` is what checkpoint selection maximises (`train.metric_for_best_model: gen_score`): the share of
-    answers a person can use, well-formed *and* stopped, with rouge_l (0 without references) weighted 0.01 so
-    that it only breaks ties (one answer more of 13 weighs 0.076) and the score stays in [0, 1]. Averaging the
-    three rates let a higher ROUGE-L, mostly noise on a small model, buy back a lost answer.
+    `usable`: well-formed *and* stopped, an answer a person can use. `score` is what checkpoint
+    selection maximises (`train.metric_for_best_model: gen_score`): the usable rate, with rouge_l
+    (0 without references) weighted 0.01 so that it only breaks ties (one answer more of 13 weighs
+    0.076) and the score stays in [0, 1]. Averaging the three rates let a higher ROUGE-L, mostly noise
+    on a small model, buy back a lost answer.
     """
-    n = len(gens)
+    from sft_core.stats import bootstrap_mean, rate
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
-    format_ok, stop = mean([float(g.format_ok) for g in gens]), mean([float(g.stopped) for g in gens])
-    rouge = mean([g.rouge_l for g in gens if g.rouge_l is not None])
-    usable = mean([float(g.format_ok and g.stopped) for g in gens])
-    return {
-        "score": 0.99 * usable + 0.01 * (0.0 if math.isnan(rouge) else rouge),
-        "format_ok_rate": format_ok,
-        "rouge_l": rouge,
-        "stop_rate": stop,
+    figures = {
+        "format_ok_rate": rate([g.format_ok for g in gens]),
+        "stop_rate": rate([g.stopped for g in gens]),
+        "usable_rate": rate([g.format_ok and g.stopped for g in gens]),
+        "rouge_l": bootstrap_mean([g.rouge_l for g in gens if g.rouge_l is not None]),
+    }
+    rouge = figures["rouge_l"].value
+    out = {"score": 0.99 * figures["usable_rate"].value + 0.01 * (0.0 if math.isnan(rouge) else rouge)}
+    for name, interval in figures.items():
+        out |= {name: interval.value, f"{name}_lo": interval.lo, f"{name}_hi": interval.hi}
+    return out | {
         "mean_think_chars": mean([float(len(g.think)) for g in gens]),
         "mean_answer_chars": mean([float(len(g.answer)) for g in gens]),
         "mean_new_tokens": mean([float(g.new_tokens) for g in gens]),
-        "num_samples": float(n),
+        "num_samples": float(len(gens)),
     }
 
 

@@ -27,21 +27,44 @@ def require_lm_eval() -> None:
                           "(or `make install`), or set eval.harness=false") from exc
 
 
-def write_task(folder: Path, val_jsonl: Path, *, max_new_tokens: int, repetition_penalty: float = 1.0) -> Path:
-    """The task YAML (data file and budget filled in) and its metrics module, into `folder`."""
+def write_task(folder: Path, val_jsonl: Path, *, max_new_tokens: int, stop: list[str],
+               repetition_penalty: float = 1.0) -> Path:
+    """The task YAML (data file, budget and the model's stop strings filled in) and its metrics module, into `folder`.
+
+    `until` is always the model's own end-of-turn strings: left out, lm-eval stops at its few-shot delimiter
+    `"\n\n"`, which a reasoning model writes inside its think block, so every answer would be cut there.
+    """
     import yaml
 
+    if not stop:
+        raise ValueError("the harness task needs the model's stop strings")
     src = resources.files("sft_core") / "harness_task"
     folder.mkdir(parents=True, exist_ok=True)
     text = (src / f"{TASK}.yaml").read_text(encoding="utf-8")
     text = text.replace("VAL_JSONL", json.dumps(str(val_jsonl)))
     text = text.replace("max_gen_toks: 256", f"max_gen_toks: {int(max_new_tokens)}")
+    text = text.replace('until: ["<|im_end|>", "<|endoftext|>"]', f"until: {json.dumps(stop, ensure_ascii=False)}")
     if repetition_penalty != 1.0:
         text = text.replace("do_sample: false", f"do_sample: false\n  repetition_penalty: {float(repetition_penalty)}")
     yaml.safe_load(text.replace("!function", ""))  # still YAML after the edits
     (folder / f"{TASK}.yaml").write_text(text, encoding="utf-8")
     (folder / "utils.py").write_text((src / "utils.py").read_text(encoding="utf-8"), encoding="utf-8")
     return folder
+
+
+def stop_strings(model_dir: str | Path) -> list[str]:
+    """The model's stop tokens as text (its generation config's eos, `<|im_end|>`, `<|endoftext|>`)."""
+    from transformers import GenerationConfig
+
+    from sft_core.chat import stop_token_ids
+    from sft_core.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    try:
+        generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        generation_config = None
+    return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, generation_config)]
 
 
 def run_harness(
@@ -62,10 +85,12 @@ def run_harness(
     from lm_eval.tasks import TaskManager
 
     from sft_core.data import write_jsonl
+    from sft_core.stats import bootstrap_mean, rate
 
     out = Path(out_dir)
     data = write_jsonl([{k: r[k] for k in ("question", "think", "answer")} for r in val_rows], out / "val.jsonl")
-    task_dir = write_task(out / "task", data, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    task_dir = write_task(out / "task", data, max_new_tokens=max_new_tokens, stop=stop_strings(model_dir),
+                          repetition_penalty=repetition_penalty)
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "dtype": dtype, "device": device, "trust_remote_code": False},
@@ -79,10 +104,13 @@ def run_harness(
         random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )
     figures = results["results"][TASK]
-    metrics = {"format_ok_rate": float(figures["format_ok,none"]), "rouge_l": float(figures["rouge_l,none"]),
-               "num_samples": float(len(results["samples"][TASK]))}
     samples = [{"question": s["doc"]["question"], "output": s["filtered_resps"][0], "format_ok": s["format_ok"],
                 "rouge_l": s["rouge_l"]} for s in results["samples"][TASK]]
+    # lm-eval's own aggregates, with the pipeline's intervals around them (Wilson, fixed-seed bootstrap)
+    format_ok, rouge = rate([bool(s["format_ok"]) for s in samples]), bootstrap_mean([s["rouge_l"] for s in samples])
+    metrics = {"format_ok_rate": float(figures["format_ok,none"]), "format_ok_rate_lo": format_ok.lo,
+               "format_ok_rate_hi": format_ok.hi, "rouge_l": float(figures["rouge_l,none"]), "rouge_l_lo": rouge.lo,
+               "rouge_l_hi": rouge.hi, "num_samples": float(len(samples))}
     write_jsonl(samples, out / "samples.jsonl")
     (out / "results.json").write_text(json.dumps({"metrics": metrics, "lm_eval": results["results"],
                                                   "versions": results.get("versions"),

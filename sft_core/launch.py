@@ -38,7 +38,7 @@ def accelerate_command(cfg: PipelineConfig, args: list[str]) -> list[str]:
             "--num_processes", str(cfg.train.num_processes), "-m", "sft_core.launch", *args]
 
 
-def launch_training(cfg: PipelineConfig, *, model_dir: str, tokens: Any, val_rows: str, max_new_tokens: int,
+def launch_training(cfg: PipelineConfig, *, model_dir: str, tokens: Any, select_rows: str, max_new_tokens: int,
                     output_dir: Path, sink: Callable[[int, dict], None] | None = None,
                     log: Callable[[str], None] | None = None) -> dict:
     """Run `accelerate launch`, stream its output to `log` and its metrics to `sink`; the result's fields."""
@@ -47,8 +47,8 @@ def launch_training(cfg: PipelineConfig, *, model_dir: str, tokens: Any, val_row
     cfg_json.write_text(cfg.model_dump_json(), encoding="utf-8")
     result_json.unlink(missing_ok=True)  # never pick up the result of an earlier attempt
     cmd = accelerate_command(cfg, ["--config-json", str(cfg_json), "--model-dir", model_dir,
-                                   "--train-data", tokens.train_ds, "--eval-data", tokens.val_ds,
-                                   "--val-rows", val_rows, "--max-new-tokens", str(max_new_tokens),
+                                   "--train-data", tokens.train_ds, "--eval-data", tokens.select_ds,
+                                   "--select-rows", select_rows, "--max-new-tokens", str(max_new_tokens),
                                    "--output-dir", str(output_dir), "--result-json", str(result_json)])
     log("launching: " + " ".join(cmd))
     stop = threading.Event()
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--train-data", required=True)
     p.add_argument("--eval-data")
-    p.add_argument("--val-rows", help="validation rows (JSON Lines) for the generation check that selects a checkpoint")
+    p.add_argument("--select-rows", help="selection rows (JSON Lines) for the generation check that selects a "
+                                         "checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--result-json", required=True)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     from sft_core.train import run_training
 
     cfg = PipelineConfig.model_validate(json.loads(Path(a.config_json).read_text(encoding="utf-8")))
-    check = generation_check(cfg, a.val_rows, a.max_new_tokens) if a.val_rows and a.max_new_tokens else None
+    check = generation_check(cfg, a.select_rows, a.max_new_tokens) if a.select_rows and a.max_new_tokens else None
     result = run_training(cfg, model_dir=a.model_dir, train_data=a.train_data, eval_data=a.eval_data,
                           output_dir=a.output_dir, generation_check=check)
     if int(os.environ.get("RANK", "0")) == 0:

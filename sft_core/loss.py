@@ -257,3 +257,32 @@ def _chunked_ce(
         hidden, lm_head.weight, getattr(lm_head, "bias", None), targets, chunk_size
     )
     return loss_sum, correct
+
+
+def per_row_losses(model: nn.Module, inputs: dict[str, Tensor], *, chunk_size: int = 1024) -> dict[str, Tensor]:
+    """Summed cross-entropy, supervised tokens and argmax hits of each row of a padded batch, without gradients.
+
+    The evaluation side of `compute_sft_loss`: the same shift and the same lm_head-on-supervised-tokens-only,
+    chunk by chunk, but each token's loss is added to its own row (what a per-question interval needs).
+    Returns ``{"loss_sum": [B] float32, "tokens": [B] long, "correct": [B] long}``.
+    """
+    labels = inputs["labels"]
+    rows_in_batch, width = labels.shape
+    targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    forward_inputs = _without_redundant_mask({k: inputs[k] for k in _FORWARD_KEYS if inputs.get(k) is not None})
+    with torch.no_grad():
+        hidden = _final_hidden_states(model, forward_inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        positions = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+        row_of = positions // width
+        head = _unwrap(model).get_output_embeddings()
+        loss_sum = torch.zeros(rows_in_batch, dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros(rows_in_batch, dtype=torch.long, device=hidden.device)
+        for start in range(0, positions.numel(), chunk_size):
+            at, rows = positions[start : start + chunk_size], row_of[start : start + chunk_size]
+            logits = head(hidden[at]).float()
+            t = targets[at]
+            loss_sum.index_add_(0, rows, F.cross_entropy(logits, t, reduction="none"))
+            correct.index_add_(0, rows, (logits.argmax(-1) == t).long())
+        tokens = torch.bincount(row_of, minlength=rows_in_batch)
+    return {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}

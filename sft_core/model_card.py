@@ -11,19 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_core.config import PipelineConfig
+from sft_core.metrics import (EVAL_LOSS, EVAL_PERPLEXITY, EVAL_TOKEN_ACCURACY, FORMAT_OK, ROUGE_L, STOP, USABLE, fmt,
+                              sample_size, shown)
 from sft_core.sources import parse_data_source
 
 DESCRIPTION_LIMIT = 5000  # characters: MLflow's model_versions.description column
 
-# (metric, label, digits) in the order of the comparison table
+# (metric, label) in the order of the comparison table; digits and intervals: sft_core.metrics
 CARD_METRICS = (
-    ("eval/loss", "validation loss", 4),
-    ("eval/perplexity", "validation perplexity", 2),
-    ("eval/token_accuracy", "validation token accuracy", 4),
-    ("gen/format_ok_rate", "think/answer format rate", 2),
-    ("gen/stop_rate", "stop rate", 2),
-    ("gen/rouge_l", "ROUGE-L (characters)", 4),
-    ("gen/mean_new_tokens", "mean generated tokens", 1),
+    (EVAL_LOSS, "validation loss"),
+    (EVAL_PERPLEXITY, "validation perplexity"),
+    (EVAL_TOKEN_ACCURACY, "validation token accuracy"),
+    (FORMAT_OK, "think/answer format rate"),
+    (STOP, "stop rate"),
+    (USABLE, "usable answers (well-formed and stopped)"),
+    (ROUGE_L, "ROUGE-L (characters, answer only)"),
+    ("gen/mean_new_tokens", "mean generated tokens"),
 )
 
 DISCLAIMER = ("This model is a research and engineering artefact, not a medical device. Its answers can be wrong, "
@@ -45,25 +48,18 @@ class CardFacts:
     samples: list[dict[str, Any]] = field(default_factory=list)  # question, think, answer, format_ok
     train_steps: int | None = None
     selected_by: str | None = None
+    select_rows: int = 0  # validation questions that chose the checkpoint
+    report_rows: int = 0  # validation questions the figures are measured on
 
 
-def fmt(value: Any, digits: int = 4) -> str:
-    """One rounding rule for every figure a person reads (card, terminal table, summary)."""
-    if value is None:
-        return "—"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if number != number:  # NaN
-        return "—"
-    return f"{number:.{digits}f}"
-
-
-def metric_rows(fine_tuned: dict[str, float], base: dict[str, float]) -> list[tuple[str, str, str]]:
-    """(metric, base, fine-tuned) rows, formatted, for every card metric the fine-tune has."""
-    return [(name, fmt(base.get(name), digits), fmt(fine_tuned.get(name), digits))
-            for name, _label, digits in CARD_METRICS if name in fine_tuned]
+def metric_rows(fine_tuned: dict[str, float], base: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    """(metric, base, fine-tuned, n) rows, formatted (`0.86 [0.42, 0.97]`), for every card metric the fine-tune has."""
+    rows = []
+    for name, _label in CARD_METRICS:
+        if name in fine_tuned:
+            n = sample_size(name, fine_tuned)
+            rows.append((name, shown(name, base), shown(name, fine_tuned), fmt(n, 0) if n is not None else "—"))
+    return rows
 
 
 def render_model_card(cfg: PipelineConfig, facts: CardFacts, *, limit: int = DESCRIPTION_LIMIT) -> str:
@@ -92,17 +88,20 @@ def _render(cfg: PipelineConfig, f: CardFacts, sample_chars: int) -> str:
         f"train fraction {d.train_fraction})",
         f"- validated by the Great Expectations suite `{d.suite}` (policy `{d.validation_policy}`)",
         "",
-        "## Base against fine-tuned (validation split, greedy)",
-        "| metric | base | fine-tuned |",
-        "|---|---|---|",
-        *[f"| {name} | {b} | {t} |" for name, b, t in metric_rows(f.fine_tuned, f.base)],
+        "## Base against fine-tuned (report questions, greedy)",
+        f"Measured on {f.report_rows} validation questions that never chose the checkpoint ({f.select_rows} others "
+        "did); 95 % intervals in brackets (Wilson for rates, bootstrap for ROUGE-L), n questions.",
+        "",
+        "| metric | base | fine-tuned | n |",
+        "|---|---|---|---|",
+        *[f"| {name} | {b} | {t} | {n} |" for name, b, t, n in metric_rows(f.fine_tuned, f.base)],
     ]
     if f.train_steps is not None:
-        chosen = {"eval_gen_score": "the best generation score on the validation questions",
+        chosen = {"eval_gen_score": "the most usable answers on the selection questions",
                   "eval_loss": "the lowest validation loss"}.get(f.selected_by or "", "the last step")
         lines += ["", f"{f.train_steps} optimizer steps; the checkpoint kept is the one with {chosen}."]
     if f.samples and sample_chars:
-        lines += ["", "## Validation samples"]
+        lines += ["", "## Samples (report questions)"]
         for i, s in enumerate(f.samples[:3], 1):
             lines += ["", f"**{i}. {_cut(s.get('question', ''), 200)}**", "",
                       f"- think: {_cut(s.get('think') or '(none)', sample_chars)}",

@@ -1,4 +1,4 @@
-"""Deterministic train/validation split.
+"""Deterministic train/validation split, and the validation rows cut into selection and report sets.
 
 - `shuffle` reproduces the tutorial exactly: ``random.seed(seed); random.shuffle(rows)``
   on the rows in source order, first ``int(n * fraction)`` rows train.
@@ -44,3 +44,33 @@ def hash_bucket(text: str, seed: int = 42) -> float:
     """A stable number in [0, 1) for `text` (sha256, independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256(f"{seed}:{text}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def question_id(question: str) -> str:
+    """A question's id: the first 12 hex digits of the sha256 of its text (what the logged sets list)."""
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
+
+
+def assign_validation(rows: list[T], selection_fraction: float, *, key: str = "question") -> tuple[list[T], list[T]]:
+    """(selection, report): the validation rows cut in two sets that never share a question.
+
+    The rule: rows ordered by the sha256 of their question (`question_id`, ties by the text), the first
+    ``floor(n * selection_fraction)`` choose the checkpoint, the rest report the model's figures. Each set
+    keeps at least one row when there are two or more and the fraction is above 0. The same validation rows
+    always give the same sets, whatever their order in the file; a duplicated question (refused by
+    validation) would land twice in the same set, never in both.
+    """
+    if not 0.0 <= selection_fraction < 1.0:
+        raise ValueError(f"selection_fraction must be in [0, 1), got {selection_fraction}")
+    order = sorted(range(len(rows)), key=lambda i: (question_id(str(rows[i][key])), str(rows[i][key])))  # type: ignore[index]
+    cut = int(len(rows) * selection_fraction)
+    if selection_fraction > 0 and len(rows) >= 2:
+        cut = min(max(cut, 1), len(rows) - 1)
+    chosen = set(order[:cut])
+    # a question that appears twice goes wherever its first occurrence went
+    first_side: dict[str, bool] = {}
+    for i in order:
+        first_side.setdefault(str(rows[i][key]), i in chosen)  # type: ignore[index]
+    selection = [r for r in rows if first_side[str(r[key])]]  # type: ignore[index]
+    report = [r for r in rows if not first_side[str(r[key])]]  # type: ignore[index]
+    return selection, report

@@ -96,12 +96,20 @@ class Validated(Result):
 
 @dataclass(kw_only=True)
 class Split(Result):
+    """train / val (the tutorial's 90/10), and val cut into the selection and report sets."""
+
     train: str
     val: str
     train_rows: int
     val_rows: int
     train_digest: str
     val_digest: str
+    select: str
+    report: str
+    select_rows: int
+    report_rows: int
+    sets: str  # validation_sets.json: the rule, the counts and the question ids of each set
+    sets_digest: str  # of the two sets' question ids: what the stages after the split are keyed on
 
 
 @dataclass(kw_only=True)
@@ -111,9 +119,14 @@ class BaseModel(Result):
 
 @dataclass(kw_only=True)
 class Tokenized(Result):
+    """The tokenized train, selection and report sets (`save_to_disk` folders), their statistics (and the
+    whole validation split's, which sizes the generation budget), and the question ids of the kept rows."""
+
     train_ds: str
-    val_ds: str
+    select_ds: str
+    report_ds: str
     stats: dict[str, Any]
+    ids: str  # ids.json: {"select": [...], "report": [...]}, the question id of each row of those datasets
 
     @property
     def val_response_lengths(self) -> dict[str, int]:
@@ -141,6 +154,7 @@ class Trained(Result):
 @dataclass(kw_only=True)
 class Evaluated(Result):
     metrics: dict[str, float]
+    losses: str | None = None  # losses.json: each report question's id, summed loss and supervised tokens
 
 
 @dataclass(kw_only=True)
@@ -355,20 +369,32 @@ def validate_body(cfg: PipelineConfig, folder: Path, raw: Ingested, model: BaseM
 
 
 def split_key(cfg: PipelineConfig, valid: Validated) -> dict:
-    return {"digest": valid.digest, **cfg.data.model_dump(include={"split_method", "train_fraction", "split_seed"})}
+    return {"digest": valid.digest,
+            **cfg.data.model_dump(include={"split_method", "train_fraction", "split_seed", "selection_fraction"})}
 
 
 def split_body(cfg: PipelineConfig, folder: Path, valid: Validated) -> dict:
     from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.split import split_rows
+    from sft_core.split import assign_validation, question_id, split_rows
 
     d = cfg.data
     train, val = split_rows(read_jsonl(valid.valid), method=d.split_method, train_fraction=d.train_fraction,
                             seed=d.split_seed)
-    write_jsonl(train, folder / "train.jsonl")
-    write_jsonl(val, folder / "val.jsonl")
-    return {"train": str(folder / "train.jsonl"), "val": str(folder / "val.jsonl"), "train_rows": len(train),
-            "val_rows": len(val), "train_digest": dataset_digest(train), "val_digest": dataset_digest(val)}
+    select, report = assign_validation(val, d.selection_fraction)
+    paths = {name: write_jsonl(rows, folder / f"{name}.jsonl")
+             for name, rows in (("train", train), ("val", val), ("select", select), ("report", report))}
+    sets = {"rule": "validation questions ordered by sha256(question); the first floor(n * selection_fraction) "
+                    "choose the checkpoint (selection), the rest report the model's figures (report)",
+            "selection_fraction": d.selection_fraction,
+            "counts": {"validation": len(val), "selection": len(select), "report": len(report)},
+            "selection": [question_id(r["question"]) for r in select],
+            "report": [question_id(r["question"]) for r in report]}
+    (folder / "validation_sets.json").write_text(json.dumps(sets, indent=2), encoding="utf-8")
+    return {"train": str(paths["train"]), "val": str(paths["val"]), "train_rows": len(train), "val_rows": len(val),
+            "train_digest": dataset_digest(train), "val_digest": dataset_digest(val), "select": str(paths["select"]),
+            "report": str(paths["report"]), "select_rows": len(select), "report_rows": len(report),
+            "sets": str(folder / "validation_sets.json"),
+            "sets_digest": stable_hash({k: sets[k] for k in ("selection", "report")}, length=16)}
 
 
 def base_model_key(cfg: PipelineConfig) -> dict:
@@ -397,7 +423,7 @@ def base_model_body(cfg: PipelineConfig, folder: Path) -> dict:
 
 
 def tokenize_key(cfg: PipelineConfig, splits: Split, model: BaseModel) -> dict:
-    return {"train": splits.train_digest, "val": splits.val_digest, "model": model.key,
+    return {"train": splits.train_digest, "val": splits.val_digest, "sets": splits.sets_digest, "model": model.key,
             **cfg.data.model_dump(include={"system_prompt", "max_length", "truncation"})}
 
 
@@ -405,19 +431,27 @@ def tokenize_body(cfg: PipelineConfig, folder: Path, splits: Split, model: BaseM
     from sft_core.data import read_jsonl
     from sft_core.modeling import load_tokenizer
     from sft_core.preflight import check_prompt_fits
+    from sft_core.split import question_id
     from sft_core.tokenize import tokenize_rows
 
     tokenizer = load_tokenizer(model.model_dir, trust_remote_code=cfg.model.trust_remote_code)
     check_prompt_fits(cfg, tokenizer)  # a downloaded model's tokenizer is first seen here
     d = cfg.data
-    stats = {}
-    for name, path in (("train", splits.train), ("val", splits.val)):
-        ds, st = tokenize_rows(read_jsonl(path), tokenizer, system_prompt=d.system_prompt, max_length=d.max_length,
+    stats, ids = {}, {}
+    for name, path in (("train", splits.train), ("val", splits.val), ("select", splits.select),
+                       ("report", splits.report)):
+        rows = read_jsonl(path)
+        ds, st = tokenize_rows(rows, tokenizer, system_prompt=d.system_prompt, max_length=d.max_length,
                                truncation=d.truncation, desc=f"tokenize {name}")
-        ds.save_to_disk(str(folder / name))
+        if name != "val":  # the whole split only for its statistics (the generation budget)
+            ds.save_to_disk(str(folder / name))
+        dropped = set(st.dropped_rows)
+        ids[name] = [question_id(r["question"]) for i, r in enumerate(rows) if i not in dropped]
         stats[name] = st.to_dict()
     (folder / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    return {"train_ds": str(folder / "train"), "val_ds": str(folder / "val"), "stats": stats}
+    (folder / "ids.json").write_text(json.dumps({k: ids[k] for k in ("select", "report")}), encoding="utf-8")
+    return {"train_ds": str(folder / "train"), "select_ds": str(folder / "select"), "report_ds": str(folder / "report"),
+            "stats": stats, "ids": str(folder / "ids.json")}
 
 
 def train_key(cfg: PipelineConfig, tokens: Tokenized, splits: Split, model: BaseModel, max_new_tokens: int) -> dict:
@@ -426,7 +460,7 @@ def train_key(cfg: PipelineConfig, tokens: Tokenized, splits: Split, model: Base
             "load": cfg.model.model_dump(include={"dtype", "attn_implementation"}),
             "repetition_penalty": cfg.eval.repetition_penalty}  # saved in the model's generation_config
     if cfg.train.metric_for_best_model == "gen_score":  # what selects the checkpoint
-        spec["check"] = {"val": splits.val_digest, "max_new_tokens": max_new_tokens,
+        spec["check"] = {"val": splits.val_digest, "sets": splits.sets_digest, "max_new_tokens": max_new_tokens,
                          "system_prompt": cfg.data.system_prompt,
                          **cfg.eval.model_dump(include={"num_generate", "generate_batch_size"})}
     return spec
@@ -434,28 +468,30 @@ def train_key(cfg: PipelineConfig, tokens: Tokenized, splits: Split, model: Base
 
 def train_body(cfg: PipelineConfig, folder: Path, tokens: Tokenized, splits: Split, model: BaseModel,
                max_new_tokens: int, sink=None, log=None) -> dict:
-    """`sink(step, metrics)` receives every logged step (MLflow); `log(line)` one line of progress per step."""
+    """`sink(step, metrics)` receives every logged step (MLflow); `log(line)` one line of progress per step.
+
+    Selection sees the selection set only: eval loss during training and the generation check at every save."""
     from sft_core.launch import launch_training
     from sft_core.train import run_training
 
     if not any(Path(folder).glob("checkpoint-*")):  # a fresh start (a resumed one has most of its files already)
         check_space(folder, training_space(cfg, model.model_dir), "training")
-    if cfg.train.num_processes > 1:  # the ranks build the same generation check from the validation rows
-        return launch_training(cfg, model_dir=model.model_dir, tokens=tokens, val_rows=splits.val,
+    if cfg.train.num_processes > 1:  # the ranks build the same generation check from the selection rows
+        return launch_training(cfg, model_dir=model.model_dir, tokens=tokens, select_rows=splits.select,
                                max_new_tokens=max_new_tokens, output_dir=folder, sink=sink, log=log)
-    check = generation_check(cfg, splits.val, max_new_tokens)
-    return run_training(cfg, model_dir=model.model_dir, train_data=tokens.train_ds, eval_data=tokens.val_ds,
+    check = generation_check(cfg, splits.select, max_new_tokens)
+    return run_training(cfg, model_dir=model.model_dir, train_data=tokens.train_ds, eval_data=tokens.select_ds,
                         output_dir=folder, sink=sink, progress=log, generation_check=check).own_fields()
 
 
-def generation_check(cfg: PipelineConfig, val_rows: str, max_new_tokens: int):
-    """The validation questions that checkpoint selection generates on (None: selection by loss or none)."""
+def generation_check(cfg: PipelineConfig, select_rows: str, max_new_tokens: int):
+    """The selection questions that checkpoint selection generates on (None: selection by loss or none)."""
     from sft_core.data import read_jsonl
     from sft_core.train import GenerationCheck
 
     if cfg.train.metric_for_best_model != "gen_score" or cfg.eval.num_generate == 0:
         return None
-    rows = read_jsonl(val_rows)[: cfg.eval.num_generate]
+    rows = read_jsonl(select_rows)[: cfg.eval.num_generate]
     if not rows:
         return None
     return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
@@ -468,7 +504,8 @@ def evaluate_key(cfg: PipelineConfig, model: BaseModel | Trained, tokens: Tokeni
 
 
 def evaluate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained, tokens: Tokenized) -> dict:
-    """Loss, perplexity and token accuracy of a model (fine-tuned or base) on the whole validation split."""
+    """Loss, perplexity and token accuracy of a model (fine-tuned or base) on the report set, and each report
+    question's loss (what the gate's interval of a loss difference is built from)."""
     import datasets
 
     from sft_core.evaluate import evaluate_model
@@ -477,28 +514,38 @@ def evaluate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
     device = resolve_device(cfg.train.device)
     lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=device,
                     attn_implementation=cfg.model.attn_implementation)
-    metrics = evaluate_model(lm, load_tokenizer(model.model_dir), datasets.load_from_disk(tokens.val_ds),
-                             batch_size=cfg.eval.batch_size)
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return {"metrics": metrics}
+    found = evaluate_model(lm, load_tokenizer(model.model_dir), datasets.load_from_disk(tokens.report_ds),
+                           batch_size=cfg.eval.batch_size)
+    ids = json.loads(Path(tokens.ids).read_text(encoding="utf-8"))["report"]
+    (folder / "metrics.json").write_text(json.dumps(found.metrics, indent=2), encoding="utf-8")
+    (folder / "losses.json").write_text(json.dumps({"ids": ids, "loss_sums": found.loss_sums,
+                                                    "tokens": found.tokens}), encoding="utf-8")
+    return {"metrics": found.metrics, "losses": str(folder / "losses.json")}
+
+
+def report_rows(cfg: PipelineConfig, splits: Split) -> list[dict]:
+    """The report questions generation answers: all of them, or the first `eval.num_generate`."""
+    from sft_core.data import read_jsonl
+
+    return read_jsonl(splits.report)[: cfg.eval.num_generate]
 
 
 def generate_key(cfg: PipelineConfig, model: BaseModel | Trained, splits: Split, max_new_tokens: int) -> dict:
     e = cfg.eval.model_dump(exclude={"batch_size", "compare_base", "harness", "max_new_tokens"})
-    return {"model": model.key, "val": splits.val_digest, "eval": e, "max_new_tokens": max_new_tokens,
-            "system_prompt": cfg.data.system_prompt}
+    return {"model": model.key, "val": splits.val_digest, "sets": splits.sets_digest, "eval": e,
+            "max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt}
 
 
 def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained, splits: Split,
                   max_new_tokens: int, log: Callable[[str], None] | None = None) -> dict:
-    """Greedy answers to the first `eval.num_generate` validation questions, parsed and scored; `log` gets one
-    progress line per batch."""
-    from sft_core.data import read_jsonl, write_jsonl
+    """Greedy answers to the report questions, parsed and scored; `log` gets one progress line per batch."""
+    from sft_core.data import write_jsonl
     from sft_core.generate import generate_answers, generation_metrics
     from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device
+    from sft_core.split import question_id
 
     e = cfg.eval
-    rows = read_jsonl(splits.val)[: e.num_generate]
+    rows = report_rows(cfg, splits)
     tokenizer = load_tokenizer(model.model_dir)
     lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
                     attn_implementation=cfg.model.attn_implementation)
@@ -509,26 +556,25 @@ def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
         max_new_tokens=max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
         temperature=e.temperature, top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=cfg.train.seed,
         references=[r["answer"] for r in rows],
-        progress=(lambda done, total: log(f"answered {done}/{total} validation questions")) if log else None,
+        progress=(lambda done, total: log(f"answered {done}/{total} report questions")) if log else None,
     )
-    path = write_jsonl([g.to_dict() for g in gens], folder / "predictions.jsonl")
+    path = write_jsonl([{"id": question_id(g.question), **g.to_dict()} for g in gens], folder / "predictions.jsonl")
     return {"predictions": str(path), "metrics": generation_metrics(gens)}
 
 
 def harness_key(cfg: PipelineConfig, model: Trained, splits: Split, max_new_tokens: int) -> dict:
     e = cfg.eval.model_dump(include={"num_generate", "generate_batch_size", "repetition_penalty"})
-    return {"model": model.key, "val": splits.val_digest, "eval": e, "max_new_tokens": max_new_tokens,
-            "system_prompt": cfg.data.system_prompt}
+    return {"model": model.key, "val": splits.val_digest, "sets": splits.sets_digest, "eval": e,
+            "max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt}
 
 
 def harness_body(cfg: PipelineConfig, folder: Path, model: Trained, splits: Split, max_new_tokens: int) -> dict:
-    """lm-evaluation-harness on the same validation questions as `generate` (`eval.harness`)."""
-    from sft_core.data import read_jsonl
+    """lm-evaluation-harness on the same report questions as `generate` (`eval.harness`)."""
     from sft_core.harness import run_harness
     from sft_core.modeling import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.train.device)
-    return run_harness(model.model_dir, read_jsonl(splits.val)[: cfg.eval.num_generate], folder,
+    return run_harness(model.model_dir, report_rows(cfg, splits), folder,
                        system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
                        batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
                        device=device, dtype=str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."))
@@ -572,6 +618,7 @@ def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[s
     for warning in valid.warnings:
         log(f"warning: {warning}")
     splits = STAGES["split"].run(cfg, refresh=refresh, valid=valid)
-    log(f"split: {splits.train_rows} train / {splits.val_rows} val")
+    log(f"split: {splits.train_rows} train / {splits.val_rows} val ({splits.select_rows} choose the checkpoint, "
+        f"{splits.report_rows} report)")
     tokens = STAGES["tokenize"].run(cfg, refresh=refresh, splits=splits, model=model)
     return {"ingest": raw, "validate": valid, "split": splits, "base-model": model, "tokenize": tokens}

@@ -20,6 +20,7 @@ class TokenizeStats:
     rows_out: int = 0
     truncated: int = 0
     dropped: int = 0
+    dropped_rows: list[int] = field(default_factory=list)  # positions (0-based) of the rows left out
     supervised_tokens: int = 0
     length_percentiles: dict[str, int] = field(default_factory=dict)
     # assistant-turn tokens per row before truncation (the `<|im_end|>` included): a generation budget
@@ -96,7 +97,8 @@ def tokenize_rows(
     stats = TokenizeStats(rows_in=len(rows), truncated=int(sum(encoded["truncated"])),
                           response_length_percentiles=_percentiles(encoded["response_tokens"]))
     keep = encoded["keep"]
-    stats.dropped = int(len(keep) - sum(keep))
+    stats.dropped_rows = [i for i, k in enumerate(keep) if not k]
+    stats.dropped = len(stats.dropped_rows)
     if stats.dropped:
         encoded = encoded.filter(lambda k: k, input_columns="keep", desc=f"{desc}: drop", new_fingerprint=uuid.uuid4().hex)
     encoded = encoded.remove_columns(["truncated", "keep", "response_tokens"])

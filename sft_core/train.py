@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sft_core.chat import IGNORE_INDEX
 from sft_core.config import PipelineConfig, TrainConfig
+from sft_core.metrics import SELECTION
 
 if TYPE_CHECKING:
     from sft_core.stages import Trained
@@ -29,7 +30,7 @@ ATTN_KEEPS_PACKED_APART = {"sdpa", "flash_attention_2", "flash_attention_3", "fl
 
 @dataclass
 class GenerationCheck:
-    """Greedy answers to validation questions, scored at every saved checkpoint to pick the best one.
+    """Greedy answers to the selection questions, scored at every saved checkpoint to pick the best one.
 
     Why not eval loss: on a small set, eval loss rises as soon as the model starts to memorise,
     while what the job needs (one think block, an answer, a stop) is still being learned; the
@@ -54,7 +55,7 @@ class GenerationCheck:
         return {"gen_score": m["score"], **{k: m[k] for k in GENERATION_CHECK_METRICS[1:]}}
 
 
-GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "rouge_l", "mean_new_tokens")
+GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "usable_rate", "rouge_l", "mean_new_tokens")
 
 
 def last_checkpoint(output_dir: str | Path, warn: Callable[[str], None] = print) -> str | None:
@@ -302,8 +303,9 @@ ProgressLine = Callable[[str], None]
 
 def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     """One line per logged step: where training is and how it goes."""
-    short = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad", "eval/loss": "eval loss",
-             "eval/format_ok_rate": "format", "eval/stop_rate": "stop", "eval/rouge_l": "rouge"}
+    short = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad",
+             "selection/loss": "eval loss", "selection/format_ok_rate": "format", "selection/stop_rate": "stop",
+             "selection/rouge_l": "rouge"}
     parts = [f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)"]
     parts += [f"{label} {metrics[k]:.4g}" for k, label in short.items() if k in metrics]
     if "train/tokens_per_second" in metrics:
@@ -340,17 +342,17 @@ def make_metrics_callback(metrics_file: Path, sink: MetricsSink | None = None, p
     main process only."""
     from transformers import TrainerCallback
 
+    # evaluations during training run on the selection set: their curve is `selection/…`, never the figures
+    # of the model the run ships (`eval/…`, `gen/…`, measured afterwards on the report set)
     names = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-             "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch", "eval_loss": "eval/loss",
-             **{f"eval_{k}": f"eval/{k}" for k in GENERATION_CHECK_METRICS}}
+             "tokens_per_second": "train/tokens_per_second", "epoch": "train/epoch", "eval_loss": f"{SELECTION}loss",
+             **{f"eval_{k}": f"{SELECTION}{k}" for k in GENERATION_CHECK_METRICS}}
 
     class MetricsCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
             metrics = {names[k]: float(v) for k, v in logs.items() if k in names and v is not None and math.isfinite(float(v))}
-            if state.global_step >= state.max_steps:  # the last step's eval loss is the final evaluation's, of the
-                metrics.pop("eval/loss", None)  # model the run ships (the selected checkpoint): one value per step
             if not metrics:
                 return
             with metrics_file.open("a", encoding="utf-8") as f:

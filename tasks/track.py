@@ -12,7 +12,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from sft_core.config import PipelineConfig
+from sft_core.metrics import (EVAL_EXAMPLES, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_TOKEN_ACCURACY, FORMAT_OK, NUM_SAMPLES, ROUGE_L, STOP,
+                              USABLE, base, bounds, has_interval)
 from sft_core.model_card import CardFacts, render_model_card
+from sft_core.report import build_report
 from sft_core.stages import Evaluated, Generated, Harnessed, Ingested, Split, Tokenized, Trained, Validated
 from tasks import tracking
 from tasks.stage import can_heal
@@ -29,8 +32,8 @@ def locked(fn):
     return wrapper
 
 
-HEADLINE = ("eval/loss", "eval/perplexity", "gen/format_ok_rate", "gen/stop_rate", "gen/rouge_l",
-            "base/gen/format_ok_rate")
+# the figures a registered version carries as tags (with their intervals, shown as the table shows them)
+HEADLINE = (EVAL_LOSS, EVAL_PERPLEXITY, FORMAT_OK, STOP, USABLE, ROUGE_L, NUM_SAMPLES, base(FORMAT_OK))
 
 
 @task(name="track-data")
@@ -45,11 +48,13 @@ def track_data(cfg: PipelineConfig, run_id: str, raw: Ingested, valid: Validated
     tracking.log_dataset_inputs(cfg, run_id, splits, raw.location)
     tracking.log_validation(cfg, run_id, valid.report, valid.docs, valid.quarantine)
     tracking.log_artifact(cfg, run_id, f"{tokens.folder}/stats.json", "data")
+    tracking.log_artifact(cfg, run_id, splits.sets, "evaluation")  # which questions selected, which report
     tok = tokens.stats
     # constants of the run's data, not curves: tags (beside the lineage), so the metrics view opens on what moves
     tracking.set_tags(cfg, run_id, {
         "data.rows_raw": raw.rows, "data.rows_valid": valid.good_rows, "data.rows_quarantined": valid.bad_rows,
         "data.rows_train": splits.train_rows, "data.rows_val": splits.val_rows,
+        "data.rows_selection": splits.select_rows, "data.rows_report": splits.report_rows,
         "data.truncated": tok["train"]["truncated"] + tok["val"]["truncated"],
         "data.train_supervised_tokens": tok["train"]["supervised_tokens"],
         "qwen_sft.logged.data": marker,
@@ -75,24 +80,27 @@ def track_training(cfg: PipelineConfig, run_id: str, trained: Trained) -> None:
 
 def final_metrics(evaluated: Evaluated, generated: Generated, base_eval: Evaluated | None = None,
                   base_gen: Generated | None = None) -> dict[str, float]:
-    """The run's headline figures: `eval/…` and `gen/…` of the fine-tune, `base/eval/…`, `base/gen/…` of its base."""
-    def named(ev: Evaluated, gen: Generated, prefix: str = "") -> dict[str, float]:
+    """The run's headline figures, all on the report questions: `eval/…` and `gen/…` of the fine-tune (rates and
+    ROUGE-L with `_lo` / `_hi`), `base/eval/…`, `base/gen/…` of its base."""
+    def named(ev: Evaluated, gen: Generated) -> dict[str, float]:
         m = ev.metrics
-        out = {f"{prefix}eval/loss": m["loss"], f"{prefix}eval/perplexity": m["perplexity"],
-               f"{prefix}eval/token_accuracy": m["token_accuracy"]}
-        return out | {f"{prefix}gen/{k}": v for k, v in gen.metrics.items()}
+        out = {EVAL_LOSS: m["loss"], EVAL_PERPLEXITY: m["perplexity"], EVAL_TOKEN_ACCURACY: m["token_accuracy"],
+               EVAL_EXAMPLES: m["examples"]}
+        return out | {f"gen/{k}": v for k, v in gen.metrics.items()}
 
     metrics = named(evaluated, generated)
     if base_eval and base_gen:
-        metrics |= named(base_eval, base_gen, "base/")
+        metrics |= {base(k): v for k, v in named(base_eval, base_gen).items()}
     return metrics
 
 
 @task(name="track-evaluation")
 @locked
 def track_evaluation(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict[str, float],
-                     generated: Generated, base_gen: Generated | None) -> None:
-    """Final figures at the last training step (the base's at step 0) and one side-by-side predictions table."""
+                     splits: Split, evaluated: Evaluated, generated: Generated, base_eval: Evaluated | None,
+                     base_gen: Generated | None) -> None:
+    """Final figures at the last training step (the base's at step 0), one side-by-side predictions table, and the
+    evaluation report (sets, figures with intervals, per-question outcomes: what the promotion gate pairs)."""
     marker = generated.folder + (base_gen.folder if base_gen else "")
     if tracking.is_logged(cfg, run_id, "qwen_sft.logged.eval", marker):
         return
@@ -100,6 +108,10 @@ def track_evaluation(cfg: PipelineConfig, run_id: str, trained: Trained, metrics
                          step=trained.global_step)
     tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if k.startswith("base/")}, step=0)
     tracking.log_predictions(cfg, run_id, generated.predictions, base_gen.predictions if base_gen else None)
+    report = build_report(sets_file=splits.sets, metrics=metrics, predictions=generated.predictions,
+                          losses=evaluated.losses, base_predictions=base_gen.predictions if base_gen else None,
+                          base_losses=base_eval.losses if base_eval else None)
+    tracking.log_json(cfg, run_id, report, tracking.REPORT_ARTIFACT)
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.eval": marker})
 
 
@@ -125,7 +137,7 @@ def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Train
         val_rows=splits.val_rows, fine_tuned={k: v for k, v in metrics.items() if not k.startswith("base/")},
         base={k.removeprefix("base/"): v for k, v in metrics.items() if k.startswith("base/")},
         samples=[json.loads(x) for x in lines[:3] if x.strip()], train_steps=trained.global_step,
-        selected_by=trained.selected_by,
+        selected_by=trained.selected_by, select_rows=splits.select_rows, report_rows=splits.report_rows,
     )
 
 
@@ -136,7 +148,8 @@ def register(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict, 
     """Log the model with its card, register a version, alias `candidate`, card as README.md and description."""
     model_uri = tracking.log_model(cfg, run_id, trained.final_model_dir, max_new_tokens=max_new_tokens,
                                    card=render_model_card(cfg, facts))
-    headline = {k: metrics[k] for k in HEADLINE if k in metrics}
+    headline = {k: metrics[k] for name in HEADLINE if name in metrics
+                for k in ((name, *bounds(name)) if has_interval(name) else (name,)) if k in metrics}
     registered = tracking.register(cfg, run_id, model_uri, headline, trained.key)
     facts.version = registered["version"]
     tracking.attach_model_card(cfg, model_uri, registered["version"], render_model_card(cfg, facts))

@@ -21,6 +21,11 @@ def test_prepare_writes_split_report_and_stats(tmp_path: Path):
     sample = read_jsonl(BUNDLED_SAMPLE)
     assert len(train) == int(len(sample) * 0.9) and len(train) + len(val) == len(sample)
     assert {"instruction", "question", "think", "answer", "metrics"} <= set(train[0]), "original fields are kept"
+    select, report_rows = read_jsonl(out / "select.jsonl"), read_jsonl(out / "report.jsonl")
+    assert sorted(r["question"] for r in select + report_rows) == sorted(r["question"] for r in val)
+    assert not {r["question"] for r in select} & {r["question"] for r in report_rows}, "no question in both sets"
+    sets = json.loads((out / "validation_sets.json").read_text())
+    assert sets["counts"] == {"validation": len(val), "selection": len(select), "report": len(report_rows)}
     report = json.loads((out / "validation_report.json").read_text())
     assert report["success"] is True and report["rows"] == {"total": len(sample), "good": len(sample), "bad": 0}
     stats = json.loads((out / "stats.json").read_text())

@@ -16,7 +16,6 @@ from sft_core.config import load_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")  # ~3 min: in the default suite, it is the product's proof
 
-FORMAT_OK, STOPPED = 0.8, 0.8  # issue 12: the demo's @candidate, greedy on the validation questions
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +28,14 @@ def demo(tmp_path_factory):
 
 
 def test_the_demo_learns_the_format_and_to_stop_where_its_base_cannot(demo):
+    """On the report questions (never seen by checkpoint selection), beyond noise: the lower end of the
+    fine-tune's 95 % interval is above the upper end of its base's, for the format and for stopping."""
     _, summary = demo
     m = summary["metrics"]
     print({k: round(v, 4) for k, v in m.items()})
-    assert m["gen/num_samples"] >= 10, "a rate over fewer than 10 questions means little"
-    assert m["gen/format_ok_rate"] >= FORMAT_OK and m["gen/stop_rate"] >= STOPPED
-    assert m["base/gen/format_ok_rate"] == 0.0 and m["base/gen/stop_rate"] == 0.0
+    assert m["gen/num_samples"] == m["base/gen/num_samples"] == m["eval/examples"], "every report question, both models"
+    for rate in ("gen/format_ok_rate", "gen/stop_rate"):
+        assert m[f"{rate}_lo"] > m[f"base/{rate}_hi"], (rate, m[rate], m[f"{rate}_lo"], m[f"base/{rate}_hi"])
     assert m["eval/loss"] < m["base/eval/loss"]
     assert summary["registered"]["alias"] == "candidate"
 
@@ -50,14 +51,19 @@ def test_the_run_holds_the_comparison_the_model_card_and_the_harness_figures(dem
     for key in ("gen/format_ok_rate", "base/gen/format_ok_rate", "base/eval/loss", "harness/format_ok_rate",
                 "harness/rouge_l"):
         assert key in run.data.metrics, key
-    steps = {m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")}
-    assert max(steps) == summary["train_steps"], "the final eval loss sits at the last training step"
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")]
+    assert steps == [summary["train_steps"]], "the shipped model's eval loss, once, at the last training step"
     assert {m.step for m in c.get_metric_history(run.info.run_id, "base/eval/loss")} == {0}
     table = json.loads(Path(c.download_artifacts(run.info.run_id, "predictions.json")).read_text(encoding="utf-8"))
     for column in ("question", "reference_answer", "base_output", "think", "answer", "format_ok", "stopped", "rouge_l"):
         assert column in table["columns"], column
     version = c.get_model_version(cfg.registry.name, str(summary["registered"]["version"]))
     assert "| gen/format_ok_rate |" in version.description and "Medical disclaimer" in version.description
+    from sft_core.metrics import shown
+
+    m = summary["metrics"]
+    assert f"| {shown('gen/format_ok_rate', m)} | {int(m['gen/num_samples'])} |" in version.description, \
+        "the card shows the interval and n"
     folder = tracking.download_model(f"models:/{cfg.registry.name}@candidate", cfg)  # <logged model>/model
     assert (folder.parent / "README.md").read_text(encoding="utf-8") == version.description
 
@@ -118,6 +124,6 @@ def test_the_harness_command_scores_the_registered_candidate(demo):
                               env={"COLUMNS": "200"})
     assert done.exit_code == 0, done.output
     assert f"logged under harness/ in MLflow run {summary['run_id']}" in done.output
-    rate = re.search(r"harness/format_ok_rate\W+([0-9.]+)", done.output)
-    assert rate and float(rate.group(1)) == pytest.approx(summary["metrics"]["gen/format_ok_rate"], abs=1e-4), \
+    rate = re.search(r"harness/format_ok_rate\W+([0-9.]+) \[", done.output)
+    assert rate and float(rate.group(1)) == pytest.approx(summary["metrics"]["gen/format_ok_rate"], abs=0.005), \
         done.output

@@ -120,9 +120,10 @@ def test_first_run_tracks_everything(first, server):
     assert sorted({m.step for m in loss}) == list(range(1, 25))
     for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second"):
         assert len(c.get_metric_history(run.info.run_id, key)) >= 24, key
+    curve = c.get_metric_history(run.info.run_id, "selection/loss")
+    assert sorted(m.step for m in curve) == [12, 24], "the learning curve: every evaluation, on the selection set"
     eval_loss = c.get_metric_history(run.info.run_id, "eval/loss")
-    assert sorted(m.step for m in eval_loss) == [12, 24], "one value per step: the last is the final evaluation's"
-    assert {m.value for m in eval_loss if m.step == 24} == {run.data.metrics["eval/loss"]}
+    assert [m.step for m in eval_loss] == [24], "the shipped model's figure (report set), once, at the last step"
     # final metrics
     for key in ("eval/loss", "eval/perplexity", "eval/token_accuracy", "gen/format_ok_rate", "gen/rouge_l",
                 "gen/stop_rate", "gen/mean_think_chars", "gen/mean_answer_chars"):
@@ -222,44 +223,57 @@ def test_an_unchanged_rerun_moves_no_alias(first, workdir, server):
 
 
 def test_promote_refuse_and_rollback(first, server):
-    from flows.promote import promote_gate
     from sft_core.errors import PromotionError
-    from tasks.tracking import aliases, rollback
+    from tasks.tracking import aliases, promote, rollback
 
     cfg, summary, _ = first
     name = cfg.registry.name
     c = _client(server)
     v1 = summary["registered"]["version"]
-    first_promo = promote_gate(cfg, version=v1)
-    assert first_promo["production"] == v1 and first_promo["previous"] is None
-    # a new candidate with the same metrics (the same run's model registered again) passes the gate
+    first_promo = promote(cfg, version=v1)
+    assert first_promo.production == v1 and first_promo.previous is None and not first_promo.forced
+    # a new candidate with the same figures (the same run's model registered again) is a tie with production:
+    # refused by default, accepted when the config says a tie within noise is enough
     src = c.get_model_version(name, str(v1))
     same = c.create_model_version(name, source=src.source, run_id=src.run_id, model_id=src.source.split("/")[-1])
     c.set_registered_model_alias(name, "candidate", same.version)
     v2 = int(same.version)
-    second = promote_gate(cfg)
-    assert second["production"] == v2 and second["previous"] == v1
-    assert all(ch["passed"] for ch in second["checks"])
+    with pytest.raises(PromotionError, match="not better than production beyond noise") as refused:
+        promote(cfg)
+    assert "(n=3)" in str(refused.value) and "(paired)" in str(refused.value)
+    second = promote(cfg.model_copy(update={"registry": cfg.registry.model_copy(
+        update={"gate": cfg.registry.gate.model_copy(update={"allow_equal": True})})}))
+    assert second.production == v2 and second.previous == v1
+    assert [ch.verdict for ch in second.decision.checks] == ["not distinguishable", "not distinguishable"]
     tags = c.get_model_version(name, str(v2)).tags
     assert tags["promoted_by"] and tags["promoted_at"] and tags["promotion_reason"] == "gate passed"
+    assert tags["gate"] == "passed"
 
-    # a worse candidate: a version whose run has a higher eval loss and a lower format rate
+    # a worse candidate: a version whose run has a much higher eval loss and no generation figures
     exp_id = c.get_run(c.get_model_version(name, str(v1)).run_id).info.experiment_id
     bad_run = c.create_run(exp_id, run_name="worse")
     c.log_metric(bad_run.info.run_id, "eval/loss", 99.0)
-    c.log_metric(bad_run.info.run_id, "gen/format_ok_rate", -1.0)
     c.set_terminated(bad_run.info.run_id)
     bad = c.create_model_version(name, source=src.source, run_id=bad_run.info.run_id, model_id=src.source.split("/")[-1])
     c.set_registered_model_alias(name, "candidate", bad.version)
     with pytest.raises(PromotionError, match="eval/loss"):
-        promote_gate(cfg)
+        promote(cfg)
     assert aliases(cfg)["production"] == v2, "a refused candidate moves nothing"
-    forced = promote_gate(cfg, force=True, reason="incident drill")
-    assert forced["forced"] and forced["production"] == int(bad.version)
-    assert c.get_model_version(name, bad.version).tags["promotion_reason"] == "incident drill"
+    with pytest.raises(PromotionError, match="needs --reason"):
+        promote(cfg, force=True)
+    forced = promote(cfg, force=True, reason="incident drill")
+    assert forced.forced and forced.production == int(bad.version)
+    bad_tags = c.get_model_version(name, bad.version).tags
+    assert bad_tags["promotion_reason"] == "incident drill" and bad_tags["gate"] == "forced", "the forced mark"
 
     back = rollback(cfg)
-    assert back["production"] == v2 and aliases(cfg)["production"] == v2 and aliases(cfg)["previous"] == int(bad.version)
+    assert back.production == v2 and aliases(cfg)["production"] == v2 and aliases(cfg)["previous"] == int(bad.version)
+    # a second rollback would put the gate-failed version back: refused without --force (issue 27, item 7)
+    with pytest.raises(PromotionError, match="failed the gate"):
+        rollback(cfg)
+    assert aliases(cfg)["production"] == v2
+    again = rollback(cfg, force=True, reason="it was fine after all")
+    assert again.production == int(bad.version)
 
 
 def _artifact_paths(c, run_id: str, path: str | None = None) -> list[str]:

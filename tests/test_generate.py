@@ -12,6 +12,7 @@ import torch
 from sft_core.config import TinyModelConfig
 from sft_core.generate import (
     _skinny_lm_head,
+    _to_generation,
     Generation,
     generate_answers,
     generation_metrics,
@@ -20,6 +21,7 @@ from sft_core.generate import (
     rouge_l_chars,
 )
 from sft_core.chat import stop_token_ids
+from sft_core.stats import wilson
 from sft_core.tiny_model import build_tiny_model
 
 SYSTEM = "你是一个医学专家,你需要根据用户的问题,给出带有思考的回答。"
@@ -55,9 +57,23 @@ def test_parse_unclosed_think_is_all_think():
     assert (p.think, p.answer, p.format_ok) == ("一直在想，没有结束", "", False)
 
 
-def test_parse_no_tags_is_all_answer():
+def test_parse_no_tags_has_no_answer():
+    """A completion that never closes a think block has answered nothing: no answer to score (the old rule
+    took all of it as the answer, so ROUGE-L rewarded a base model's untagged text)."""
     p = parse_response("直接回答")
-    assert (p.think, p.answer, p.format_ok) == ("", "直接回答", False)
+    assert (p.think, p.answer, p.format_ok) == ("", "", False)
+
+
+def test_rouge_l_scores_only_the_text_after_the_closing_think_tag(tiny):
+    """The reference answer spelled inside an unclosed think block scores 0; after `</think>`, it scores 1."""
+    model, tok = tiny
+    ref = "多喝水，注意休息。"
+    unclosed = _to_generation(tok, "q", tok.encode(f"<think>{ref}", add_special_tokens=False), set(), ref)
+    untagged = _to_generation(tok, "q", tok.encode(ref, add_special_tokens=False), set(), ref)
+    closed = _to_generation(tok, "q", tok.encode(f"<think>想</think>{ref}", add_special_tokens=False), set(), ref)
+    assert unclosed.rouge_l == 0.0 and untagged.rouge_l == 0.0, "the old rule gave these 1.0"
+    assert not unclosed.format_ok and not untagged.format_ok
+    assert closed.rouge_l == 1.0 and closed.format_ok
 
 
 def test_parse_nested_and_repeated_tags():
@@ -140,11 +156,16 @@ def test_generation_metrics_values():
         _gen(new_tokens=20),  # no reference: not in the ROUGE-L mean
     ]
     m = generation_metrics(gens)
+    two_of_three = wilson(2, 3)
     assert m == {
         "score": pytest.approx(0.99 * 2 / 3 + 0.01 * 0.75),  # usable answers (formed and stopped); ROUGE breaks ties
         "format_ok_rate": pytest.approx(2 / 3),
-        "rouge_l": pytest.approx(0.75),
+        "format_ok_rate_lo": pytest.approx(two_of_three.lo), "format_ok_rate_hi": pytest.approx(two_of_three.hi),
         "stop_rate": pytest.approx(2 / 3),
+        "stop_rate_lo": pytest.approx(two_of_three.lo), "stop_rate_hi": pytest.approx(two_of_three.hi),
+        "usable_rate": pytest.approx(2 / 3),
+        "usable_rate_lo": pytest.approx(two_of_three.lo), "usable_rate_hi": pytest.approx(two_of_three.hi),
+        "rouge_l": pytest.approx(0.75), "rouge_l_lo": pytest.approx(0.5), "rouge_l_hi": pytest.approx(1.0),
         "mean_think_chars": pytest.approx(4 / 3),
         "mean_answer_chars": pytest.approx(10 / 3),
         "mean_new_tokens": pytest.approx(20.0),

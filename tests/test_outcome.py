@@ -81,10 +81,10 @@ def test_the_checkpoint_kept_is_the_one_that_generated_best(tmp_path, tiny_model
     result = run_training(cfg, model_dir=tiny_model_dir, train_data=tmp_path / "train", eval_data=tmp_path / "val",
                           output_dir=tmp_path / "out", generation_check=check)
     records = [json.loads(x) for x in Path(result.metrics_file).read_text().splitlines()]
-    scored = {r["step"]: r["eval/gen_score"] for r in records if "eval/gen_score" in r}
+    scored = {r["step"]: r["selection/gen_score"] for r in records if "selection/gen_score" in r}
     assert sorted(scored) == [8, 16, 24], "generation runs at the evaluations that save a checkpoint, and only there"
-    # the last step's eval loss is the evaluate stage's, logged once at that step (not twice, from training too)
-    assert {r["step"] for r in records if "eval/loss" in r} == {4, 8, 12, 16, 20}
+    # the curve of the selection set at every evaluation, the last included (the report's figures have other names)
+    assert {r["step"] for r in records if "selection/loss" in r} == {4, 8, 12, 16, 20, 24}
     best_step = max(sorted(scored), key=lambda s: (scored[s], -s))  # ties keep the earliest (strictly better wins)
     assert result.selected_by == "eval_gen_score"
     assert result.best_checkpoint.endswith(f"checkpoint-{best_step}") and result.best_value == scored[best_step]
@@ -121,10 +121,13 @@ def test_side_by_side_table_shows_the_raw_text_when_it_does_not_parse():
 def test_comparison_rows_put_base_beside_fine_tuned_with_one_rounding_rule():
     from flows.finetune import comparison_rows
 
-    rows = comparison_rows({"eval/loss": 7.022763252258301, "gen/format_ok_rate": 0.9, "base/eval/loss": 8.3,
-                            "base/gen/format_ok_rate": 0.0, "harness/format_ok_rate": 0.9})
-    assert rows == [("eval/loss", "8.3000", "7.0228"), ("gen/format_ok_rate", "0.0000", "0.9000"),
-                    ("harness/format_ok_rate", "—", "0.9000")]
+    rows = comparison_rows({"eval/loss": 7.022763252258301, "eval/examples": 7.0, "gen/format_ok_rate": 11 / 13,
+                            "gen/format_ok_rate_lo": 0.5777, "gen/format_ok_rate_hi": 0.9567, "gen/num_samples": 13.0,
+                            "base/eval/loss": 8.3, "base/gen/format_ok_rate": 0.0, "base/gen/format_ok_rate_lo": 0.0,
+                            "base/gen/format_ok_rate_hi": 0.2281, "harness/format_ok_rate": 0.9})
+    assert rows == [("eval/loss", "8.3000", "7.0228", "7"),
+                    ("gen/format_ok_rate", "0.00 [0.00, 0.23]", "0.85 [0.58, 0.96]", "13"),
+                    ("harness/format_ok_rate", "—", "0.90", "—")]
 
 
 def test_model_card_has_every_section_and_fits_the_description_limit():
@@ -133,14 +136,18 @@ def test_model_card_has_every_section_and_fits_the_description_limit():
     cfg = load_config("qwen2.5-1.5b-medical")
     long = "很长的思考。" * 400
     facts = CardFacts(registered_name="m", version=3, dataset_digest="d" * 64, train_rows=2166, val_rows=241,
-                      fine_tuned={"eval/loss": 1.2, "gen/format_ok_rate": 0.95, "gen/stop_rate": 1.0},
-                      base={"eval/loss": 2.0, "gen/format_ok_rate": 0.0, "gen/stop_rate": 0.1},
+                      fine_tuned={"eval/loss": 1.2, "eval/examples": 120.0, "gen/format_ok_rate": 0.95,
+                                  "gen/format_ok_rate_lo": 0.89, "gen/format_ok_rate_hi": 0.98, "gen/stop_rate": 1.0,
+                                  "gen/num_samples": 120.0},
+                      base={"eval/loss": 2.0, "gen/format_ok_rate": 0.0, "gen/format_ok_rate_lo": 0.0,
+                            "gen/format_ok_rate_hi": 0.03, "gen/stop_rate": 0.1}, select_rows=121, report_rows=120,
                       samples=[{"question": f"问题{i}", "think": long, "answer": long, "format_ok": True} for i in range(5)],
                       train_steps=1082, selected_by="eval_gen_score")
     card = render_model_card(cfg, facts)
     assert len(card) <= DESCRIPTION_LIMIT
     for part in ("modelscope://Qwen/Qwen2.5-1.5B", "revision `master`", "modelscope://krisfu/delicate_medical_r1_data",
-                 "d" * 64, "2166 train / 241 validation", "| gen/format_ok_rate | 0.00 | 0.95 |", "**1. 问题0**",
+                 "d" * 64, "2166 train / 241 validation", "| gen/format_ok_rate | 0.00 [0.00, 0.03] | 0.95 [0.89, 0.98] | 120 |",
+                 "| eval/loss | 2.0000 | 1.2000 | 120 |", "Measured on 120 validation questions that never chose the checkpoint (121 others did)", "**1. 问题0**",
                  "**3. 问题2**", "- think: ", "- answer: ", "models:/m/3", "serve-model", "## Intended use",
                  "not a medical device", "## Resolved config", "learning_rate: 0.0001"):
         assert part in card, part
@@ -149,7 +156,7 @@ def test_model_card_has_every_section_and_fits_the_description_limit():
 
 # --- the gate checks the base ------------------------------------------------------------------
 
-def test_gate_refuses_a_candidate_that_does_not_beat_its_base(tmp_path):
+def test_gate_refuses_a_candidate_that_does_not_beat_its_base_beyond_noise(tmp_path):
     from sft_core.errors import PromotionError
     from tasks import tracking
 
@@ -161,21 +168,24 @@ def test_gate_refuses_a_candidate_that_does_not_beat_its_base(tmp_path):
     def version(fmt: float, base: float) -> str:
         run = c.create_run(exp)
         c.log_metric(run.info.run_id, "gen/format_ok_rate", fmt)
+        c.log_metric(run.info.run_id, "gen/num_samples", 16)
         c.log_metric(run.info.run_id, "eval/loss", 5.0)
         c.log_metric(run.info.run_id, "base/gen/format_ok_rate", base, step=0)
+        c.log_metric(run.info.run_id, "base/gen/num_samples", 16, step=0)
         mv = c.create_model_version("gate-base", source=f"runs:/{run.info.run_id}/m", run_id=run.info.run_id)
         c.set_registered_model_alias("gate-base", "candidate", mv.version)
         return mv.version
 
-    version(0.0, 0.0)
+    version(2 / 16, 0.0)  # two answers of sixteen more than the base: the old '> base' rule promoted this
     with pytest.raises(PromotionError) as exc:
         tracking.promote(cfg)
-    assert "gen/format_ok_rate 0.0 vs base 0.0 (needs > base)" in str(exc.value)
+    assert "gen/format_ok_rate: candidate 0.12 (n=16) vs base 0.00 (n=16)" in str(exc.value)
+    assert "not distinguishable" in str(exc.value)
     assert "production" not in tracking.aliases(cfg)
     v2 = version(0.9, 0.0)
     result = tracking.promote(cfg)
-    assert result["production"] == int(v2)
-    assert [(ch["against"], ch["passed"]) for ch in result["checks"]] == [("base", True)]
+    assert result.production == int(v2)
+    assert [(ch.against, ch.verdict, ch.passed) for ch in result.decision.checks] == [("base", "better", True)]
 
 
 # --- lm-evaluation-harness agrees with the pipeline -----------------------------------------------

@@ -52,7 +52,7 @@ def _one_of_each(c, registry: str) -> str:
     assert len(c.search_model_versions(f"name = '{registry}'")) == 1
     models = c.search_logged_models(experiment_ids=[runs[0].info.experiment_id])
     assert len(models) == 1 and str(models[0].status).endswith("READY"), [m.status for m in models]
-    for key in ("train/loss", "eval/loss"):
+    for key in ("train/loss", "selection/loss", "eval/loss"):
         steps = [m.step for m in c.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {sorted(steps)}"
     return run_id

@@ -256,12 +256,13 @@ def test_same_stage_twice_at_once_runs_once(tmp_path: Path):
 def test_different_configs_get_different_folders():
     from sft_core.stages import STAGES, BaseModel, Split, Tokenized
 
-    splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t", val_digest="v")
+    splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t", val_digest="v",
+                   select="s", report="r", select_rows=0, report_rows=1, sets="j", sets_digest="d")
     model = BaseModel(key="m", folder="f", model_dir="m")
 
     def train_key(cfg, budget=512):
         tokens = Tokenized(key=STAGES["tokenize"].key_of(cfg, splits=splits, model=model), folder="f", train_ds="t",
-                           val_ds="v", stats={})
+                           select_ds="s", report_ds="r", stats={}, ids="i")
         return STAGES["train"].key_of(cfg, tokens=tokens, splits=splits, model=model, max_new_tokens=budget)
 
     a, b = load_config("demo"), load_config("demo", ["train.learning_rate=1e-3"])

@@ -49,3 +49,26 @@ def test_hash_split_on_real_rows_keeps_sides(real_rows):
     b_train, b_val = split_rows(real_rows, method="hash")
     ids = lambda rs: [r["question"] for r in rs]  # noqa: E731
     assert set(ids(a_train)) <= set(ids(b_train)) and set(ids(a_val)) <= set(ids(b_val))
+
+
+def test_validation_is_cut_into_selection_and_report_sets_that_share_no_question():
+    from sft_core.split import assign_validation, question_id
+
+    _, val = split_rows(_bundled())
+    select, report = assign_validation(val, 0.5)
+    assert len(select) == len(val) // 2 and len(select) + len(report) == len(val)
+    assert not {r["question"] for r in select} & {r["question"] for r in report}
+    shuffled = list(reversed(val))
+    again = assign_validation(shuffled, 0.5)
+    assert {r["question"] for r in again[0]} == {r["question"] for r in select}, "the file's order does not matter"
+    ranked = sorted(val, key=lambda r: question_id(r["question"]))
+    assert {r["question"] for r in select} == {r["question"] for r in ranked[: len(val) // 2]}, "the documented rule"
+
+
+def test_each_set_keeps_a_question_when_there_are_two_and_none_without_selection():
+    from sft_core.split import assign_validation
+
+    rows = [{"question": f"问题{i}"} for i in range(3)]
+    assert [len(s) for s in assign_validation(rows[:2], 0.1)] == [1, 1]
+    assert [len(s) for s in assign_validation(rows, 0.9)] == [2, 1]
+    assert [len(s) for s in assign_validation(rows, 0.0)] == [0, 3], "no selection: every question reports"

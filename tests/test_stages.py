@@ -59,8 +59,8 @@ def _train_inputs() -> dict:
     from sft_core.stages import BaseModel, Split, Tokenized
 
     splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t",
-                   val_digest="v")
-    return {"tokens": Tokenized(key="k", folder="f", train_ds="t", val_ds="v", stats={}), "splits": splits,
+                   val_digest="v", select="s", report="r", select_rows=0, report_rows=1, sets="j", sets_digest="d")
+    return {"tokens": Tokenized(key="k", folder="f", train_ds="t", select_ds="s", report_ds="r", stats={}, ids="i"), "splits": splits,
             "model": BaseModel(key="m", folder="f", model_dir="m"), "max_new_tokens": 64}
 
 
@@ -109,7 +109,7 @@ def test_done_is_the_one_record_and_a_foreign_or_stale_record_is_not_trusted(tmp
 
 def test_importing_the_product_changes_no_environment_variable():
     code = ("import os; before = dict(os.environ)\n"
-            "import flows.cli, flows.finetune, flows.deploy, flows.promote, tasks.stage, tasks.track, tasks.tracking\n"
+            "import flows.cli, flows.finetune, flows.deploy, tasks.stage, tasks.track, tasks.tracking\n"
             "import sft_core.stages, sft_core.train, sft_core.launch, sft_core.generate, sft_core.harness\n"
             "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
             "print(sorted(changed))")
@@ -215,5 +215,5 @@ def test_the_generate_stage_says_how_far_it_is(tmp_path):
     lines: list[str] = []
     stages.STAGES["generate"].run(cfg, extras={"log": lines.append}, model=prepared["base-model"],
                                   splits=prepared["split"], max_new_tokens=4)
-    assert lines == ["answered 2/5 validation questions", "answered 4/5 validation questions",
-                     "answered 5/5 validation questions"]
+    assert lines == ["answered 2/5 report questions", "answered 4/5 report questions",
+                     "answered 5/5 report questions"]

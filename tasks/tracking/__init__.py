@@ -9,7 +9,13 @@
 
 from tasks.tracking.models import (
     ALIASES,
+    CANDIDATE,
     PIP_REQUIREMENTS,
+    PREVIOUS,
+    PRODUCTION,
+    REPORT_ARTIFACT,
+    Promotion,
+    Rollback,
     aliases,
     attach_model_card,
     download_model,
@@ -36,6 +42,7 @@ from tasks.tracking.runs import (
     log_checkpoints,
     log_config,
     log_dataset_inputs,
+    log_json,
     log_loss_curve,
     log_metrics,
     log_predictions,
@@ -51,7 +58,8 @@ from tasks.tracking.runs import (
 from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri, warm_store
 
 __all__ = [
-    "ALIASES", "FLOW_RUN_URL_TAG", "FLOW_RUNS_TAG", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "RunHandle", "aliases", "artifact_root", "attach_model_card",
+    "ALIASES", "CANDIDATE", "PREVIOUS", "PRODUCTION", "REPORT_ARTIFACT", "Promotion", "Rollback", "log_json",
+    "FLOW_RUN_URL_TAG", "FLOW_RUNS_TAG", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "RunHandle", "aliases", "artifact_root", "attach_model_card",
     "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "git_commit",
     "is_logged", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
     "log_metrics", "log_model", "log_predictions", "log_validation", "needs_local_ui", "promote", "register", "registered_folders", "rollback",

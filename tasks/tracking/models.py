@@ -11,14 +11,20 @@ import getpass
 import importlib
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sft_core.config import PipelineConfig, redact_uri
 from sft_core.errors import PromotionError, TrackingError
+from sft_core.gate import Decision
+from sft_core.metrics import is_bound, shown
 from tasks.tracking.store import client, tracking_uri
 
-ALIASES = ("candidate", "production", "previous")
+CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
+ALIASES = (CANDIDATE, PRODUCTION, PREVIOUS)
+GATE_TAG = "gate"  # on a promoted version: "passed", or "forced" (it failed the gate; --force with a reason)
+REPORT_ARTIFACT = "evaluation/report.json"  # the run's evaluation report (sft_core.report), what the gate pairs
 REGISTERED_TAG = "qwen_sft.registered"  # set last: a version without it was cut short and is finished by a re-run
 
 PIP_REQUIREMENTS = ["torch", "transformers>=5,<6", "accelerate", "safetensors", "tokenizers"]
@@ -139,14 +145,14 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
     if found:  # a crash between creating the version and moving the alias: finish that registration
         version = found[0]
     else:
-        tags = {"run_id": run_id, "train_key": train_key,
-                **{k.replace("/", "_"): f"{v:.6g}" for k, v in metrics.items()}}
+        tags = {"run_id": run_id, "train_key": train_key,  # as the table shows them: `0.86 [0.42, 0.97]`
+                **{k.replace("/", "_"): shown(k, metrics) for k in metrics if not is_bound(k)}}
         model_id = model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None
         version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
         _wait_ready(c, name, version.version)
-    c.set_registered_model_alias(name, "candidate", version.version)
+    c.set_registered_model_alias(name, CANDIDATE, version.version)
     c.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
-    return {"name": name, "version": int(version.version), "alias": "candidate", "reused": False,
+    return {"name": name, "version": int(version.version), "alias": CANDIDATE, "reused": False,
             "aliases": aliases(cfg)}
 
 
@@ -173,50 +179,112 @@ def _version_metrics(c, name: str, version: str) -> dict[str, float]:
     return dict(run.data.metrics)
 
 
-def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = "candidate", force: bool = False,
-            reason: str = "") -> dict:
-    """Gate the candidate against production; on pass move `production`, keep the old as `previous`."""
+def _version_report(c, run_id: str) -> dict | None:
+    """The evaluation report a version's run logged (None for a run from before reports were logged)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = c.download_artifacts(run_id, REPORT_ARTIFACT, tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception:
+            return None
+
+
+def _figures(c, mv, which: str = "fine_tuned"):
+    from sft_core.report import figures_of
+
+    return figures_of(_version_report(c, mv.run_id), dict(c.get_run(mv.run_id).data.metrics), which)
+
+
+@dataclass
+class Promotion:
+    """What `promote` did: the gate's decision and checks, where the aliases point now, and whether it was forced."""
+
+    name: str
+    version: int
+    production: int
+    previous: int | None
+    decision: Decision
+    forced: bool
+
+
+def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = CANDIDATE, force: bool = False,
+            reason: str = "") -> Promotion:
+    """Gate the candidate against its base and production (`sft_core.gate`); on pass move `production`, keep
+    the old one as `previous`. `force` promotes a refused candidate, recorded on the version with the reason."""
+    from sft_core.gate import decide
+
     c = client(cfg)
     name = cfg.registry.name
     try:
         cand = c.get_model_version(name, str(version)) if version is not None else c.get_model_version_by_alias(name, alias)
     except Exception as exc:
         raise PromotionError(f"registered model '{name}' has no {'version ' + str(version) if version else 'alias @' + alias}") from exc
-    prod = _by_alias(c, name, "production")
+    prod = _by_alias(c, name, PRODUCTION)
     if prod is not None and prod.version == cand.version:
-        raise PromotionError(f"version {cand.version} of '{name}' is already @production")
-    from sft_core.gate import gate_checks
-
-    pm = _version_metrics(c, name, prod.version) if prod is not None else None
-    checks = gate_checks(_version_metrics(c, name, cand.version), pm, cfg.registry.gate)
-    failed = [ch for ch in checks if not ch.passed]
-    if failed and not force:
-        detail = "; ".join(ch.describe() for ch in failed)
-        raise PromotionError(f"version {cand.version} of '{name}' failed the gate: {detail} (use --force to override)")
-    if prod is not None:
-        c.set_registered_model_alias(name, "previous", prod.version)
-    c.set_registered_model_alias(name, "production", cand.version)
+        raise PromotionError(f"version {cand.version} of '{name}' is already @{PRODUCTION}")
+    decision = decide(_figures(c, cand), _figures(c, cand, "base"), _figures(c, prod) if prod is not None else None,
+                      cfg.registry.gate)
+    if not decision.passed and not force:
+        error = PromotionError(f"version {cand.version} of '{name}' was refused by the gate: {decision.reason} "
+                               "(`promote --force --reason ...` overrides, recorded on the version)")
+        error.decision = decision
+        raise error
+    forced = not decision.passed
+    if forced and not reason.strip():
+        raise PromotionError("a forced promotion needs --reason: it is recorded on the version")
+    _move_production(c, name, cand.version, prod)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for k, v in {"promoted_at": stamp, "promoted_by": _user(), "promotion_reason": reason or ("forced" if failed else "gate passed")}.items():
+    tags = {"promoted_at": stamp, "promoted_by": _user(), GATE_TAG: "forced" if forced else "passed",
+            "promotion_reason": reason or "gate passed", "gate_decision": decision.reason[:5000]}
+    for k, v in tags.items():
         c.set_model_version_tag(name, cand.version, k, v)
-    return {"name": name, "production": int(cand.version), "previous": int(prod.version) if prod else None,
-            "checks": [ch.to_dict() for ch in checks], "forced": bool(failed)}
+    return Promotion(name, int(cand.version), int(cand.version), int(prod.version) if prod else None, decision, forced)
 
 
-def rollback(cfg: PipelineConfig) -> dict:
-    """`production` <- `previous` (and the demoted version becomes `previous`)."""
+def _move_production(c, name: str, version: str, prod) -> None:
+    if prod is not None:
+        c.set_registered_model_alias(name, PREVIOUS, prod.version)
+    c.set_registered_model_alias(name, PRODUCTION, version)
+
+
+@dataclass
+class Rollback:
+    name: str
+    production: int
+    previous: int | None
+
+
+def rollback(cfg: PipelineConfig, *, force: bool = False, reason: str = "") -> Rollback:
+    """`production` <- `previous` (and the demoted version becomes `previous`).
+
+    A `previous` that reached production only by `promote --force` (it failed the gate) is not put back
+    without `force`: rolling back must not quietly re-promote a model the gate refused.
+    """
     c = client(cfg)
     name = cfg.registry.name
     try:
-        prev = c.get_model_version_by_alias(name, "previous")
+        prev = c.get_model_version_by_alias(name, PREVIOUS)
     except Exception as exc:
-        raise PromotionError(f"registered model '{name}' has no @previous version to roll back to") from exc
-    prod = _by_alias(c, name, "production")
-    c.set_registered_model_alias(name, "production", prev.version)
+        raise PromotionError(f"registered model '{name}' has no @{PREVIOUS} version to roll back to") from exc
+    if prev.tags.get(GATE_TAG) == "forced" and not force:
+        raise PromotionError(f"@{PREVIOUS} is version {prev.version}, which failed the gate and was promoted only by "
+                             f"--force ({prev.tags.get('promotion_reason', 'no reason recorded')}); `rollback --force "
+                             "--reason ...` puts it back anyway")
+    if force and prev.tags.get(GATE_TAG) == "forced" and not reason.strip():
+        raise PromotionError("a forced rollback needs --reason: it is recorded on the version")
+    prod = _by_alias(c, name, PRODUCTION)
+    c.set_registered_model_alias(name, PRODUCTION, prev.version)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    c.set_model_version_tag(name, prev.version, "restored_at", stamp)
+    if reason:
+        c.set_model_version_tag(name, prev.version, "restore_reason", reason)
     if prod is not None:
-        c.set_registered_model_alias(name, "previous", prod.version)
-        c.set_model_version_tag(name, prod.version, "rolled_back_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return {"name": name, "production": int(prev.version), "previous": int(prod.version) if prod else None}
+        c.set_registered_model_alias(name, PREVIOUS, prod.version)
+        c.set_model_version_tag(name, prod.version, "rolled_back_at", stamp)
+    return Rollback(name, int(prev.version), int(prod.version) if prod else None)
 
 
 def aliases(cfg: PipelineConfig) -> dict[str, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.config import PipelineConfig, redact_uri
+from sft_core.metrics import SELECTION_LOSS
 from sft_core.stages import Split, Trained
 from tasks.tracking.store import artifact_root, client, tracking_uri
 
@@ -221,6 +222,15 @@ def log_artifact(cfg: PipelineConfig, run_id: str, path: str | Path, artifact_pa
         c.log_artifact(run_id, str(p), artifact_path)
 
 
+def log_json(cfg: PipelineConfig, run_id: str, data: Any, artifact_file: str) -> None:
+    """`data` as a JSON artifact at `artifact_file` (e.g. `evaluation/report.json`)."""
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        client(cfg).log_artifact(run_id, str(path), folder or None)
+
+
 def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
@@ -333,13 +343,13 @@ def log_loss_curve(cfg: PipelineConfig, run_id: str, metrics_file: str | Path) -
     for rec in read_metrics(metrics_file):
         if "train/loss" in rec:
             train.append((rec["step"], rec["train/loss"]))
-        if "eval/loss" in rec:
-            evals.append((rec["step"], rec["eval/loss"]))
+        if SELECTION_LOSS in rec:
+            evals.append((rec["step"], rec[SELECTION_LOSS]))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*sorted(dict(train).items())), label="train/loss")
     if evals:
-        ax.plot(*zip(*sorted(dict(evals).items())), marker="o", label="eval/loss")
+        ax.plot(*zip(*sorted(dict(evals).items())), marker="o", label=f"{SELECTION_LOSS} (selection questions)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(experiment_name(cfg))
