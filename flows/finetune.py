@@ -281,7 +281,7 @@ def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, str, str, str]
     rule (`sft_core.metrics`), n the number of report questions behind the figure."""
     from sft_core.metrics import BASE, base, fmt, is_bound, sample_size, shown
 
-    hidden = ("gen/num_samples", "harness/num_samples", "eval/examples")
+    hidden = ("gen/num_samples", "harness/num_samples", "eval/examples", "gen/score")  # n; the selection score
     rows = []
     for name in metrics:
         if name.startswith(BASE) or is_bound(name) or name in hidden:

@@ -93,7 +93,7 @@ def test_two_columns_mapping_to_one_name_is_rejected(tmp_path: Path, sample):
 def test_bundled_sample_is_well_formed(sample):
     raw = BUNDLED_SAMPLE.read_bytes().decode("utf-8")
     assert "嗯，用户问的是" in raw  # written with ensure_ascii=False
-    assert len(sample) == 126, "90/10 gives the demo 13 validation questions (a rate needs >= 10)"
+    assert len(sample) == 260, "90/10 gives the demo 26 validation questions: 13 choose the checkpoint, 13 report"
     assert len({r["question"] for r in sample}) == len(sample)
     for r in sample:
         assert set(r) == {"instruction", "question", "think", "answer", "metrics"}

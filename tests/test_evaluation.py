@@ -62,7 +62,7 @@ def test_no_report_question_is_ever_generated_during_selection(watched):
     summary, sets, calls, trainings, workdir = watched
     selection, report = set(sets["selection"]), set(sets["report"])
     assert selection and report and not selection & report
-    assert sets["counts"] == {"validation": 13, "selection": 6, "report": 7}
+    assert sets["counts"] == {"validation": 26, "selection": 13, "report": 13}
     during_training = [q for where, qs in calls if where == "GenerationCheck.run" for q in qs]
     assert during_training, "selection by generation ran"
     assert {question_id(q) for q in during_training} <= selection, "selection generates on selection questions only"
@@ -106,7 +106,7 @@ def test_the_run_logs_the_sets_and_a_report_the_gate_can_pair(watched):
         assert sorted(g["id"] for g in report["models"][model]["generation"]) == sorted(sets["report"]), model
         assert sorted(x["id"] for x in report["models"][model]["loss"]) == sorted(sets["report"]), model
     run = c.get_run(run_id)
-    assert run.data.tags["data.rows_selection"] == "6" and run.data.tags["data.rows_report"] == "7"
+    assert run.data.tags["data.rows_selection"] == "13" and run.data.tags["data.rows_report"] == "13"
     curve = c.get_metric_history(run_id, "selection/loss")
     assert sorted(m.step for m in curve) == [6, 12], "the learning curve is on the selection set, every evaluation"
     assert [m.step for m in c.get_metric_history(run_id, "eval/loss")] == [12], \

@@ -85,7 +85,7 @@ def test_first_run_tracks_everything(first, server):
     assert "workdir" not in run.data.params and not any(k.startswith("tracking.") for k in run.data.params), \
         "machine-specific settings stay out of the param comparison (they are in config.yaml)"
     assert "max_new_tokens" not in run.data.params and "do_sample" not in run.data.params
-    assert run.data.tags["data.rows_train"] == "113" and not any(k.startswith("data/") for k in run.data.metrics)
+    assert run.data.tags["data.rows_train"] == "234" and not any(k.startswith("data/") for k in run.data.metrics)
     # params (flattened config) + config.yaml
     assert run.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
     assert run.data.params["data.source"] == "bundled://sample"

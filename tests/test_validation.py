@@ -83,7 +83,7 @@ def test_report_json_structure(clean: ValidationResult, sample):
     assert clean.report_path.name == "validation_report.json"
     assert report == json.loads(json.dumps(clean.report, default=str))
     assert report["suite"] == "delicate_medical_r1" and report["source"] == sample.location
-    assert report["success"] is True and report["rows"] == {"total": 126, "good": 126, "bad": 0}
+    assert report["success"] is True and report["rows"] == {"total": 260, "good": 260, "bad": 0}
     suite = load_suite("delicate_medical_r1")
     assert report["statistics"]["evaluated_expectations"] == len(suite["expectations"])
     assert sorted((e["type"], e["column"]) for e in report["expectations"]) == sorted(
@@ -93,7 +93,7 @@ def test_report_json_structure(clean: ValidationResult, sample):
         assert set(exp) >= {"type", "column", "success", "unexpected_count", "unexpected_rows"}
         assert exp["success"] is True and exp["unexpected_rows"] == []
     row_count = next(e for e in report["expectations"] if e["type"] == "expect_table_row_count_to_be_between")
-    assert row_count["observed_value"] == 126
+    assert row_count["observed_value"] == 260
 
 
 def test_data_docs_are_built_next_to_the_report(clean: ValidationResult):
