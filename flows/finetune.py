@@ -71,7 +71,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     """
     configure_process()
     log = get_run_logger()
-    cfg = load_config(config, [*(overrides or []), *_SECRET_OVERRIDES.get()])
+    cfg = load_config(config, [*(overrides or []), *secret_overrides()])
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
     tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
@@ -150,6 +150,17 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
 # `--set` overrides that hold a credential reach an in-process flow here, never as flow-run parameters (which
 # Prefect stores in its database in clear text)
 _SECRET_OVERRIDES: ContextVar[tuple[str, ...]] = ContextVar("qwen_sft_secret_overrides", default=())
+
+
+def secret_overrides() -> tuple[str, ...]:
+    """The credential overrides of an in-process run (none in a served or worker run).
+
+    The flow body reads them through this function, never the ContextVar itself: `qwen-sft serve` runs each
+    flow run in a subprocess and cloudpickles the flow's function by value (its module name holds the Flow, not
+    the function), with every global the body names; a ContextVar cannot be pickled, a module function is
+    pickled by reference.
+    """
+    return _SECRET_OVERRIDES.get()
 
 
 def run_in_process(config: str, overrides: list[str] | None = None, refresh: bool = False) -> dict:
