@@ -358,16 +358,22 @@ def ui(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for the configured store (one light process; Ctrl-C stops it)."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import experiment_name, experiment_url, tracking_uri
     from tasks.tracking.serving import ui_command
 
     cfg = _config(config, set_)
     uri = tracking_uri(cfg)
-    if uri.startswith(("http://", "https://")):
+    remote = uri.startswith(("http://", "https://"))
+    exp = experiment_url(cfg, None if remote else f"http://127.0.0.1:{port}")
+    if remote:
         console.print(f"the tracking server is already a UI: {redact_uri(uri)}")
+    else:
+        argv, env = ui_command(cfg, port)
+        console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
+    if exp:  # the link opens on the training runs; the UI's own list opens experiments in its GenAI view
+        console.print(f"experiment {experiment_name(cfg)}: {exp}", highlight=False, soft_wrap=True)
+    if remote:
         return
-    argv, env = ui_command(cfg, port)
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # the server takes this process's place: one process less to hold memory
 

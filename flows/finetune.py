@@ -113,7 +113,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
         track.track_evaluation(cfg, run_id, trained, metrics, generated, base_gen)
         registered = None
         if cfg.registry.enabled and cfg.tracking.log_model:
-            facts = track.card_facts(cfg, raw, splits, trained, metrics, generated)
+            facts = track.card_facts(cfg, raw, splits, trained, metrics, generated, config=config, overrides=overrides)
             registered = stage.timed("register", track.register, cfg, run_id, trained, metrics, new_tokens, facts)
         if cfg.eval.harness:
             harnessed = stage("harness", model=trained, splits=splits, max_new_tokens=new_tokens)

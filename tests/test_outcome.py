@@ -207,3 +207,26 @@ def test_harness_generates_what_the_pipeline_generates(tmp_path, tiny_model_dir)
     assert theirs["metrics"]["format_ok_rate"] == generation_metrics(ours)["format_ok_rate"]
     assert theirs["metrics"]["rouge_l"] == pytest.approx(generation_metrics(ours)["rouge_l"])
     assert theirs["metrics"]["num_samples"] == 5
+
+
+def test_the_harness_prints_no_progress_bar_and_no_git_complaint(tmp_path, tiny_model_dir, capfd, monkeypatch):
+    """A worker's log gets lm-eval's figures, not its tqdm bar nor git's `fatal: not a git repository` (#27)."""
+    import importlib.util
+
+    from tests.conftest import require
+
+    require(importlib.util.find_spec("lm_eval") is not None, "lm-evaluation-harness (the '.[eval]' extra)")
+    from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+    from sft_core.harness import run_harness
+
+    outside = tmp_path / "not-a-repository"  # where a worker starts a run: no git repository around it
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    capfd.readouterr()
+    result = run_harness(tiny_model_dir, read_jsonl(BUNDLED_SAMPLE)[:3], tmp_path / "harness", system_prompt=SYSTEM,
+                         max_new_tokens=8, batch_size=4)
+    out, err = capfd.readouterr()
+    assert result["metrics"]["num_samples"] == 3
+    assert "fatal:" not in out + err, err[-2000:]
+    assert "generate_until requests" not in out + err and "it/s]" not in out + err, err[-2000:]

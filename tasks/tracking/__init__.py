@@ -13,6 +13,7 @@ from tasks.tracking.models import (
     aliases,
     attach_model_card,
     download_model,
+    link_model_metrics,
     log_model,
     promote,
     register,
@@ -30,6 +31,7 @@ from tasks.tracking.runs import (
     end_run,
     ensure_experiment,
     experiment_name,
+    experiment_url,
     git_commit,
     is_logged,
     log_artifact,
@@ -52,8 +54,8 @@ from tasks.tracking.store import artifact_root, check_reachable, client, trackin
 
 __all__ = [
     "ALIASES", "FLOW_RUN_URL_TAG", "FLOW_RUNS_TAG", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "RunHandle", "aliases", "artifact_root", "attach_model_card",
-    "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "git_commit",
-    "is_logged", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
+    "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "experiment_url", "git_commit",
+    "is_logged", "link_model_metrics", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",
     "log_metrics", "log_model", "log_predictions", "log_validation", "needs_local_ui", "promote", "register", "registered_folders", "rollback",
     "run_lock", "run_of", "run_url", "serving_prompt_template", "set_tags", "start_or_resume_run", "sync_training_metrics", "tag_value",
     "tracking_uri", "warm_store",
