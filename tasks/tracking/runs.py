@@ -214,17 +214,31 @@ def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: Split, source_l
 
 def log_validation(cfg: PipelineConfig, run_id: str, report: str | None, docs: str | None,
                    quarantine: str | None) -> None:
-    """Under `validation/`: the report as JSON and as one self-contained page, the whole GX Data Docs site
-    (its index links to the result and suite pages), and the quarantined rows."""
+    """Under `validation/`: first the report as one self-contained page, linked from the run's description (MLflow's
+    artifact view shows it whole), then as JSON, the whole GX Data Docs site (its index links to the result and
+    suite pages, styled and navigable in a browser opened on the downloaded folder: MLflow's view shows one file
+    without its style sheets), and the quarantined rows."""
     from sft_core.validation import REPORT_HTML
 
     if report:
+        page = Path(report).with_name(REPORT_HTML)
+        if page.exists():
+            log_artifact(cfg, run_id, page, "validation")
+            _describe(cfg, run_id, f"Data validation: [{REPORT_HTML}]"
+                                   f"({run_url(cfg, run_id, f'artifacts/validation/{REPORT_HTML}')})")
         log_artifact(cfg, run_id, report, "validation")
-        log_artifact(cfg, run_id, Path(report).with_name(REPORT_HTML), "validation")
     if docs:
         log_artifact(cfg, run_id, Path(docs).parent, "validation/data_docs")  # the site, not only its index.html
     if quarantine:
         log_artifact(cfg, run_id, quarantine, "validation")
+
+
+def _describe(cfg: PipelineConfig, run_id: str, line: str) -> None:
+    """Add `line` (Markdown) to the run's description, once."""
+    c = client(cfg)
+    note = c.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    if line not in note:
+        c.set_tag(run_id, "mlflow.note.content", f"{note}\n\n{line}".strip())
 
 
 def log_artifact(cfg: PipelineConfig, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
