@@ -63,15 +63,14 @@ def _flow_run_name() -> str:
     return f"{describe(params['config'], params.get('overrides'))} · {datetime.now():%Y-%m-%d %H:%M:%S}"
 
 
-@flow(name="finetune", flow_run_name=_flow_run_name, persist_result=True)
-def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh: bool = False) -> dict:
+def finetune_run(config: ConfigRef, overrides: list[Override] | None = None, refresh: bool = False) -> dict:
     """Fine-tune, evaluate, and register a candidate: the preset `config` with `overrides`, as `qwen-sft run`.
 
     A bad key or value fails the run at once with the message `qwen-sft run` prints.
     """
     configure_process()
     log = get_run_logger()
-    cfg = load_config(config, [*(overrides or []), *secret_overrides()])
+    cfg = load_config(config, [*(overrides or []), *_SECRET_OVERRIDES.get()])
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
     tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
@@ -147,20 +146,17 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
     return summary
 
 
+# The flow, `flows.finetune.finetune` (the deployments' entrypoint). Its function keeps a module name of its own:
+# `qwen-sft serve` cloudpickles the flow into each run's process, and a function that its module names is pickled by
+# reference (imported there with its module). Under the Flow's name it was pickled by value, with only the globals
+# its body names: the ContextVar below among them could not be pickled, and the parameters' annotations
+# (`ConfigRef`, `Override`) did not resolve there.
+finetune = flow(name="finetune", flow_run_name=_flow_run_name, persist_result=True)(finetune_run)
+finetune.__name__ = finetune.__qualname__ = "finetune"  # a deployment's entrypoint is `<module>.<__name__>`
+
 # `--set` overrides that hold a credential reach an in-process flow here, never as flow-run parameters (which
 # Prefect stores in its database in clear text)
 _SECRET_OVERRIDES: ContextVar[tuple[str, ...]] = ContextVar("qwen_sft_secret_overrides", default=())
-
-
-def secret_overrides() -> tuple[str, ...]:
-    """The credential overrides of an in-process run (none in a served or worker run).
-
-    The flow body reads them through this function, never the ContextVar itself: `qwen-sft serve` runs each
-    flow run in a subprocess and cloudpickles the flow's function by value (its module name holds the Flow, not
-    the function), with every global the body names; a ContextVar cannot be pickled, a module function is
-    pickled by reference.
-    """
-    return _SECRET_OVERRIDES.get()
 
 
 def run_in_process(config: str, overrides: list[str] | None = None, refresh: bool = False) -> dict:

@@ -65,6 +65,9 @@ def test_the_entrypoint_is_the_installed_flow():
     from flows.finetune import finetune
 
     assert load_flow_from_entrypoint(ENTRYPOINT) is finetune
+    from prefect.types.entrypoint import EntrypointType
+
+    assert finetune.to_deployment(name="t", entrypoint_type=EntrypointType.MODULE_PATH).entrypoint == ENTRYPOINT
 
 
 def test_parameters_are_what_a_user_types_checked_as_the_cli_checks_them():
@@ -103,17 +106,24 @@ def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
         cron_schedule(cfg, timezone="Mars/Olympus")
 
 
-def test_the_flow_pickles_as_serve_sends_it_to_its_run_process():
-    """`qwen-sft serve` runs each flow run in a spawned process and cloudpickles the flow; its function is pickled by
-    value with every global its body names, and a ContextVar among them crashed every served run (#27)."""
-    import pickle
+def test_the_flow_pickles_as_serve_sends_it_to_its_run_process(tmp_path):
+    """`qwen-sft serve` runs each flow run in a spawned process and cloudpickles the flow into it: a ContextVar among
+    the globals pickled with it crashed every served run, and the flow it unpickled could not check its parameters
+    (#27). Here a fresh interpreter unpickles it and checks parameters as Prefect's engine does."""
+    import sys
 
     import cloudpickle
 
     from flows.finetune import finetune
 
-    again = pickle.loads(cloudpickle.dumps(finetune))
-    assert again.name == "finetune" and again.fn.__code__.co_code == finetune.fn.__code__.co_code
+    payload = tmp_path / "flow.pickle"
+    payload.write_bytes(cloudpickle.dumps(finetune))
+    code = ("import pickle, sys; f = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(f.name, f.validate_parameters({'config': 'demo', 'overrides': ['train.max_steps=3']}))")
+    out = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("finetune {'config': 'demo', 'overrides': ['train.max_steps=3']"), out.stdout
 
 
 def test_a_deployment_carries_where_its_runs_land(tmp_path, monkeypatch):
