@@ -91,4 +91,5 @@ def test_the_experiment_is_typed_for_model_training_and_its_links_open_on_the_ru
     run_id = c.create_run(made_before).info.run_id
     assert tracking.run_url(cfg, run_id) == (f"http://127.0.0.1:5000/#/experiments/{made_before}/runs/{run_id}"
                                              "?workflowType=machine_learning")
-    assert tracking.experiment_url(cfg) == f"http://127.0.0.1:5000/#/experiments/{made_before}?workflowType=machine_learning"
+    assert tracking.experiment_url(cfg) == (f"http://127.0.0.1:5000/#/experiments/{made_before}"
+                                            "?workflowType=machine_learning")
