@@ -385,16 +385,22 @@ def ui(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for the configured store (one light process; Ctrl-C stops it)."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import experiment_name, experiment_url, tracking_uri
     from tasks.tracking.serving import ui_command
 
     cfg = _config(config, set_)
     uri = tracking_uri(cfg)
-    if uri.startswith(("http://", "https://")):
+    remote = uri.startswith(("http://", "https://"))
+    exp = experiment_url(cfg, None if remote else f"http://127.0.0.1:{port}")
+    if remote:
         console.print(f"the tracking server is already a UI: {redact_uri(uri)}")
+    else:
+        argv, env = ui_command(cfg, port)
+        console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
+    if exp:  # the link opens on the training runs; the UI's own list opens experiments in its GenAI view
+        console.print(f"experiment {experiment_name(cfg)}: {exp}", highlight=False, soft_wrap=True)
+    if remote:
         return
-    argv, env = ui_command(cfg, port)
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # the server takes this process's place: one process less to hold memory
 
@@ -440,9 +446,10 @@ def deploy_cmd(
     pool: Optional[str] = typer.Option(None, "--pool", help="Work pool (default: schedule.work_pool; a process "
                                                             "pool is created when missing)."),
     name: Optional[str] = NameOpt,
-    working_dir: Optional[str] = typer.Option(None, "--working-dir", help="Folder a process worker starts runs in "
-                                                                          "(default: the worker's own; /app in the "
-                                                                          "image)."),
+    working_dir: Optional[str] = typer.Option(None, "--working-dir", help="Folder a process worker starts runs in, "
+                                                                          "as the worker sees it (default: the "
+                                                                          "current folder; a relative workdir lands "
+                                                                          "there)."),
     paused: bool = typer.Option(False, "--paused", help="Register with the schedule paused."),
 ) -> None:
     """Register the scheduled `finetune` deployment with the Prefect server in PREFECT_API_URL."""
@@ -454,8 +461,38 @@ def deploy_cmd(
     console.print(f"schedule: cron '{d['cron']}' {d['timezone']}{' (paused)' if paused else ''}; "
                   f"concurrency limit 1 (later runs wait)")
     console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}")
-    console.print(f"start a worker: prefect worker start --pool {d['work_pool']}")
-    console.print(f"run it now:     prefect deployment run '{d['name']}'")
+    console.print(f"runs start in:  {d['working_dir']} (workdir {d['workdir']})", highlight=False)
+    store = {"tracking.uri": "tracking.uri", "MLFLOW_TRACKING_URI": "this shell's MLFLOW_TRACKING_URI, carried by the "
+                                                                    "deployment",
+             "embedded": "embedded: `qwen-sft ui` in that folder shows it; a worker whose environment sets "
+                         "MLFLOW_TRACKING_URI logs there instead"}[d["tracking_from"]]
+    console.print(f"tracking store: {redact_uri(d['tracking'])} ({store})", highlight=False, soft_wrap=True)
+    console.print(f"start a worker: qwen-sft worker --pool {d['work_pool']}", highlight=False)
+    console.print(f"run it now:     prefect deployment run '{d['name']}'", highlight=False)
+
+
+@app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@guarded
+def worker_cmd(
+    ctx: typer.Context,
+    pool: Optional[str] = typer.Option(None, "--pool", help="Work pool (default: schedule.work_pool)."),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Start a Prefect worker: `prefect worker start --pool POOL` (other options are passed on); SIGTERM stops it."""
+    # Prefect's worker turns SIGTERM into SIGINT; a process that a script started in the background (`cmd &`)
+    # inherits SIGINT ignored, and such a worker ignored SIGTERM until SIGKILL. This gives SIGINT its default
+    # back, then becomes the worker (the same process id, so a service manager's signals reach it).
+    import signal
+
+    from flows.deploy import prefect_api_url, worker_argv
+
+    prefect_api_url()  # one line, not a retrying worker, when no server answers
+    argv = worker_argv(pool or _config(config, set_).schedule.work_pool, list(ctx.args))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # an ignored disposition would survive the exec
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
 
 
 @app.command("serve")

@@ -1,9 +1,9 @@
 """Team set-up: scheduled Prefect deployments of `finetune`, a one-box scheduler, model serving.
 
     qwen-sft deploy -c demo --cron "0 3 * * 1"   # register with the server in PREFECT_API_URL
-    prefect worker start --pool qwen-sft-process # a worker runs what the schedule creates
+    qwen-sft worker --pool qwen-sft-process      # a worker runs what the schedule creates
     qwen-sft serve -c demo                       # one box: schedule + runs in this process
-    qwen-sft serve-model --alias production      # POST /invocations {"inputs": ["question"]}
+    qwen-sft serve-model -c demo --alias production  # POST /invocations {"inputs": ["question"]}
 
 A deployment's parameters are what a user types: the preset (`config`), its `--set`
 `overrides` and `refresh`, so a custom run from the Prefect UI edits a list, not a JSON
@@ -14,17 +14,25 @@ time: concurrency limit 1, later runs wait in the queue (ENQUEUE). The entrypoin
 installed module (`flows.finetune.finetune`): a worker needs the package, not a checkout.
 `serve` registers its own deployment (`<name>-serve`), so stopping it pauses nothing of
 `deploy`'s.
+
+Where a worker's run lands is decided where `deploy` runs and carried by the deployment
+(`run_location`): the folder it starts in (`--working-dir`, else the current one) and, unless
+`tracking.uri` says it, this shell's MLFLOW_TRACKING_URI; a run on a worker is then the
+`qwen-sft run` this shell would have made, never one in a temporary folder that Prefect deletes.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig, flatten, load_config, redact
+from sft_core.config import PipelineConfig, flatten, load_config, redact, redact_uri
 from sft_core.errors import ConfigError, OrchestrationError
+from sft_core.process import user_environment
 
 ENTRYPOINT = "flows.finetune.finetune"  # the installed module: a worker needs the package, not a checkout
 POOL_TYPE = "process"
@@ -75,6 +83,42 @@ def cron_schedule(cfg: PipelineConfig, cron: str | None = None, timezone: str | 
         reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise ConfigError(f"schedule.cron '{expr}' in schedule.timezone '{tz}' is not a valid schedule: {reason}") from exc
     return Cron(expr, timezone=tz)
+
+
+def run_location(cfg: PipelineConfig, working_dir: str | Path | None = None) -> dict[str, Any]:
+    """Where a worker's run lands, resolved here, and the job variables that carry it to the worker.
+
+    A process worker starts a run in the deployment's `working_dir`, or else in a temporary folder that it
+    deletes afterwards (with the workdir, the checkpoints and an embedded MLflow store in it). So the folder is
+    always carried: `working_dir`, else the current one, absolute; a relative `workdir` lands in it. The tracking
+    store: `tracking.uri` (a parameter) wins; else this shell's MLFLOW_TRACKING_URI is carried as the run's
+    environment (refused when it holds a credential: job variables are stored in clear text); else the embedded
+    store in the workdir, unless the worker's own environment sets MLFLOW_TRACKING_URI.
+    """
+    folder = (Path(working_dir).expanduser() if working_dir else Path.cwd()).resolve()
+    workdir = Path(cfg.workdir).expanduser()
+    workdir = workdir if workdir.is_absolute() else folder / workdir
+    job: dict[str, Any] = {"working_dir": str(folder)}
+    if cfg.tracking.uri:
+        store, source = cfg.tracking.uri, "tracking.uri"
+    elif env_uri := user_environment("MLFLOW_TRACKING_URI"):
+        if redact_uri(env_uri) != env_uri:
+            raise ConfigError("MLFLOW_TRACKING_URI holds a credential; the deployment would store it in clear text: "
+                              "export it without one (give the worker MLFLOW_TRACKING_USERNAME / "
+                              "MLFLOW_TRACKING_PASSWORD in its environment), or deploy with --set tracking.uri=URL")
+        job["env"] = {"MLFLOW_TRACKING_URI": env_uri}
+        store, source = env_uri, "MLFLOW_TRACKING_URI"
+    else:
+        store, source = f"sqlite:///{workdir / 'mlflow.db'}", "embedded"
+    return {"job_variables": job, "working_dir": str(folder), "workdir": str(workdir), "tracking": store,
+            "tracking_from": source}
+
+
+def worker_argv(pool: str, extra: list[str] | None = None) -> list[str]:
+    """`prefect worker start --pool POOL ...` with the Prefect of this environment (`qwen-sft worker` runs it)."""
+    beside = Path(sys.executable).with_name("prefect")
+    program = str(beside) if beside.exists() else shutil.which("prefect") or "prefect"
+    return [program, "worker", "start", "--pool", pool, *(extra or [])]
 
 
 def concurrency_limit():
@@ -148,8 +192,8 @@ def deploy(
 ) -> dict[str, Any]:
     """Register (or update) the scheduled `finetune` deployment of `config` + `overrides` on the Prefect server.
 
-    `working_dir` is where a process worker starts each run (a relative `workdir` lands there);
-    default: the worker's own folder. Container pools start in the image's /app.
+    `working_dir` is where a process worker starts each run (a relative `workdir` lands there); default: the
+    current folder. The tracking store goes with it (`run_location`). Container pools start in the image's /app.
     """
     from prefect.types.entrypoint import EntrypointType
 
@@ -162,6 +206,7 @@ def deploy(
     pool = pool or cfg.schedule.work_pool
     created = ensure_work_pool(pool)
     name = name or deployment_name(cfg)
+    where = run_location(cfg, working_dir)
     deployment = finetune.to_deployment(
         name=name,
         schedules=[schedule],
@@ -171,7 +216,7 @@ def deploy(
         description=f"Scheduled retraining of {cfg.registry.name} ({cfg.name}); a run with unchanged data and "
                     "config skips training.",
         work_pool_name=pool,
-        job_variables={"working_dir": str(Path(working_dir).resolve())} if working_dir else None,
+        job_variables=where["job_variables"],
         entrypoint_type=EntrypointType.MODULE_PATH,
         paused=paused,
     )
@@ -181,7 +226,8 @@ def deploy(
         raise OrchestrationError(f"could not register deployment 'finetune/{name}' on {api}: {exc}") from exc
     return {"id": str(deployment_id), "name": f"finetune/{name}", "work_pool": pool, "pool_created": created,
             "cron": schedule.cron, "timezone": schedule.timezone, "api_url": api, "concurrency_limit": 1,
-            "tags": deployment_tags(cfg), "entrypoint": deployment.entrypoint}
+            "tags": deployment_tags(cfg), "entrypoint": deployment.entrypoint,
+            **{k: where[k] for k in ("working_dir", "workdir", "tracking", "tracking_from")}}
 
 
 def serve(config: str, overrides: list[str] | None = None, *, cron: str | None = None, timezone: str | None = None,

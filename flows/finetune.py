@@ -63,8 +63,7 @@ def _flow_run_name() -> str:
     return f"{describe(params['config'], params.get('overrides'))} · {datetime.now():%Y-%m-%d %H:%M:%S}"
 
 
-@flow(name="finetune", flow_run_name=_flow_run_name, persist_result=True)
-def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh: bool = False) -> dict:
+def finetune_run(config: ConfigRef, overrides: list[Override] | None = None, refresh: bool = False) -> dict:
     """Fine-tune, evaluate, and register a candidate: the preset `config` with `overrides`, as `qwen-sft run`.
 
     A bad key or value fails the run at once with the message `qwen-sft run` prints.
@@ -113,7 +112,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
         track.track_evaluation(cfg, run_id, trained, metrics, splits, evaluated, generated, base_eval, base_gen)
         registered = None
         if cfg.registry.enabled and cfg.tracking.log_model:
-            facts = track.card_facts(cfg, raw, splits, trained, metrics, generated)
+            facts = track.card_facts(cfg, raw, splits, trained, metrics, generated, config=config, overrides=overrides)
             registered = stage.timed("register", track.register, cfg, run_id, trained, metrics, new_tokens, facts)
         if cfg.eval.harness:
             harnessed = stage("harness", model=trained, splits=splits, max_new_tokens=new_tokens)
@@ -144,6 +143,14 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
                              description="qwen-sft run summary")
     return summary
 
+
+# The flow, `flows.finetune.finetune` (the deployments' entrypoint). Its function keeps a module name of its own:
+# `qwen-sft serve` cloudpickles the flow into each run's process, and a function that its module names is pickled by
+# reference (imported there with its module). Under the Flow's name it was pickled by value, with only the globals
+# its body names: the ContextVar below among them could not be pickled, and the parameters' annotations
+# (`ConfigRef`, `Override`) did not resolve there.
+finetune = flow(name="finetune", flow_run_name=_flow_run_name, persist_result=True)(finetune_run)
+finetune.__name__ = finetune.__qualname__ = "finetune"  # a deployment's entrypoint is `<module>.<__name__>`
 
 # `--set` overrides that hold a credential reach an in-process flow here, never as flow-run parameters (which
 # Prefect stores in its database in clear text)

@@ -8,7 +8,11 @@ the model is a local folder and the data a local JSON Lines file. Needs ``pip in
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,46 @@ def stop_strings(model_dir: str | Path) -> list[str]:
     except OSError:
         generation_config = None
     return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, generation_config)]
+def _quiet_hf_model(model_args: dict[str, Any], batch_size: int):
+    """lm-eval's Hugging Face model, built as `simple_evaluate(model="hf")` builds it, without its progress bars.
+
+    Its request loops pass `disable=False` to tqdm themselves (TQDM_DISABLE does not reach them); a bar's carriage
+    returns garble Prefect's log lines and a worker's log. Same class, same requests, same answers.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM.create_from_arg_obj(model_args, {"batch_size": batch_size, "max_batch_size": None, "device": None})
+
+
+@contextlib.contextmanager
+def _quiet_git_probe() -> Iterator[None]:
+    """lm-eval records `git describe` of the current folder and lets git print `fatal: not a git repository` where
+    it is not one (a worker's folder): the same probe, with git's complaint discarded."""
+    import lm_eval.evaluator as evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_commit_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def run_harness(
@@ -91,18 +135,20 @@ def run_harness(
     data = write_jsonl([{k: r[k] for k in ("question", "think", "answer")} for r in val_rows], out / "val.jsonl")
     task_dir = write_task(out / "task", data, max_new_tokens=max_new_tokens, stop=stop_strings(model_dir),
                           repetition_penalty=repetition_penalty)
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype, "device": device, "trust_remote_code": False},
-        tasks=[TASK],
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),  # not its ~10k built-in tasks
-        apply_chat_template=True,
-        system_instruction=system_prompt,
-        batch_size=batch_size,
-        log_samples=True,
-        bootstrap_iters=0,
-        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-    )
+    model_args = {"pretrained": str(model_dir), "dtype": dtype, "device": device, "trust_remote_code": False}
+    with _quiet_git_probe():
+        results = lm_eval.simple_evaluate(
+            model=_quiet_hf_model(model_args, batch_size),
+            model_args=model_args,
+            tasks=[TASK],
+            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),  # not its ~10k built-in tasks
+            apply_chat_template=True,
+            system_instruction=system_prompt,
+            batch_size=batch_size,
+            log_samples=True,
+            bootstrap_iters=0,
+            random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        )
     figures = results["results"][TASK]
     samples = [{"question": s["doc"]["question"], "output": s["filtered_resps"][0], "format_ok": s["format_ok"],
                 "rouge_l": s["rouge_l"]} for s in results["samples"][TASK]]

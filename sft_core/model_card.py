@@ -7,6 +7,8 @@ the validation samples are shortened until it fits.
 
 from __future__ import annotations
 
+import html
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,9 @@ class CardFacts:
     selected_by: str | None = None
     select_rows: int = 0  # validation questions that chose the checkpoint
     report_rows: int = 0  # validation questions the figures are measured on
+    kept_step: int | None = None  # the optimizer step of the checkpoint that became the model
+    config: str | None = None  # the preset (or file) and `--set` overrides the run was made with
+    overrides: list[str] = field(default_factory=list)
 
 
 def metric_rows(fine_tuned: dict[str, float], base: dict[str, float]) -> list[tuple[str, str, str, str]]:
@@ -97,21 +102,20 @@ def _render(cfg: PipelineConfig, f: CardFacts, sample_chars: int) -> str:
         *[f"| {name} | {b} | {t} | {n} |" for name, b, t, n in metric_rows(f.fine_tuned, f.base)],
     ]
     if f.train_steps is not None:
-        chosen = {"eval_gen_score": "the most usable answers on the selection questions",
-                  "eval_loss": "the lowest validation loss"}.get(f.selected_by or "", "the last step")
-        lines += ["", f"{f.train_steps} optimizer steps; the checkpoint kept is the one with {chosen}."]
+        lines += ["", kept_line(f)]
     if f.samples and sample_chars:
         lines += ["", "## Samples (report questions)"]
         for i, s in enumerate(f.samples[:3], 1):
-            lines += ["", f"**{i}. {_cut(s.get('question', ''), 200)}**", "",
-                      f"- think: {_cut(s.get('think') or '(none)', sample_chars)}",
-                      f"- answer: {_cut(s.get('answer') or s.get('text') or '(none)', sample_chars)}",
+            lines += ["", f"**{i}. {_text(s.get('question', ''), 200)}**", "",
+                      f"- think: {_text(s.get('think') or '(none)', sample_chars)}",
+                      f"- answer: {_text(s.get('answer') or s.get('text') or '(none)', sample_chars)}",
                       f"- format ok: {bool(s.get('format_ok'))}"]
+    args = command_args(f)
     lines += [
         "", "## Use it",
         "```bash",
-        f'qwen-sft predict --model {ref} "孩子发烧39度怎么办？"',
-        f"qwen-sft serve-model --alias production   # once promoted; POST /invocations",
+        f'qwen-sft predict {args} --model {ref} "孩子发烧39度怎么办？"',
+        f"qwen-sft serve-model {args} --alias production   # once promoted; POST /invocations",
         "```",
         "With transformers: download the version (`mlflow artifacts download -u " + ref + "`), then "
         "`AutoModelForCausalLM.from_pretrained(folder)` and `apply_chat_template(messages, "
@@ -133,6 +137,31 @@ def _render(cfg: PipelineConfig, f: CardFacts, sample_chars: int) -> str:
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def kept_line(f: CardFacts) -> str:
+    """Which checkpoint became the model: its step, and the rule that chose it."""
+    chosen = {"eval_gen_score": "the most usable answers on the selection questions",
+              "eval_loss": "the lowest validation loss on the selection questions"}.get(f.selected_by or "")
+    if chosen is None:
+        return f"{f.train_steps} optimizer steps; the model is the last step's weights (step {f.train_steps})."
+    step = f.kept_step if f.kept_step is not None else f.train_steps
+    return f"{f.train_steps} optimizer steps; the model is the checkpoint of step {step}, the one with {chosen}."
+
+
+def command_args(f: CardFacts) -> str:
+    """`-c PRESET --set k=v ...` as the run was made: what `predict` and `serve-model` need to find the same
+    registry, store and prompt."""
+    parts = ["-c", f.config or "CONFIG"]
+    for override in f.overrides:
+        parts += ["--set", override]
+    return shlex.join(parts)
+
+
+def _text(text: str, n: int) -> str:
+    """Free text (questions, model output) shortened, with `<` and `>` escaped: Markdown viewers (MLflow's UI,
+    the hub) render a bare `<think>` as an HTML tag and show nothing."""
+    return html.escape(_cut(text, n), quote=False)
 
 
 def _cut(text: str, n: int) -> str:

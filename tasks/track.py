@@ -123,21 +123,24 @@ def track_harness(cfg: PipelineConfig, run_id: str, trained: Trained, harnessed:
         return
     tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in harnessed.metrics.items()},
                          step=trained.global_step)
+    tracking.link_model_metrics(cfg, run_id, [f"harness/{k}" for k in harnessed.metrics])
     tracking.log_artifact(cfg, run_id, harnessed.results, "harness")
     tracking.log_artifact(cfg, run_id, harnessed.samples, "harness")
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.harness": harnessed.folder})
 
 
 def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Trained, metrics: dict[str, float],
-               generated: Generated) -> CardFacts:
-    """What the model card of this run's version says."""
+               generated: Generated, *, config: str | None = None, overrides: list[str] | None = None) -> CardFacts:
+    """What the model card of this run's version says; `config` and `overrides` as the run was given them."""
     lines = Path(generated.predictions).read_text(encoding="utf-8").splitlines()
+    kept = Path(trained.best_checkpoint).name.rpartition("-")[2] if trained.best_checkpoint else ""
     return CardFacts(
         registered_name=cfg.registry.name, version=None, dataset_digest=raw.digest, train_rows=splits.train_rows,
         val_rows=splits.val_rows, fine_tuned={k: v for k, v in metrics.items() if not k.startswith("base/")},
         base={k.removeprefix("base/"): v for k, v in metrics.items() if k.startswith("base/")},
         samples=[json.loads(x) for x in lines[:3] if x.strip()], train_steps=trained.global_step,
         selected_by=trained.selected_by, select_rows=splits.select_rows, report_rows=splits.report_rows,
+        kept_step=int(kept) if kept.isdigit() else None, config=config, overrides=list(overrides or []),
     )
 
 
@@ -147,7 +150,8 @@ def register(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict, 
              facts: CardFacts) -> dict:
     """Log the model with its card, register a version, alias `candidate`, card as README.md and description."""
     model_uri = tracking.log_model(cfg, run_id, trained.final_model_dir, max_new_tokens=max_new_tokens,
-                                   card=render_model_card(cfg, facts))
+                                   card=render_model_card(cfg, facts), step=trained.global_step)
+    tracking.link_model_metrics(cfg, run_id, [k for k in metrics if not k.startswith("base/")])
     headline = {k: metrics[k] for name in HEADLINE if name in metrics
                 for k in ((name, *bounds(name)) if has_interval(name) else (name,)) if k in metrics}
     registered = tracking.register(cfg, run_id, model_uri, headline, trained.key)

@@ -65,6 +65,9 @@ def test_the_entrypoint_is_the_installed_flow():
     from flows.finetune import finetune
 
     assert load_flow_from_entrypoint(ENTRYPOINT) is finetune
+    from prefect.types.entrypoint import EntrypointType
+
+    assert finetune.to_deployment(name="t", entrypoint_type=EntrypointType.MODULE_PATH).entrypoint == ENTRYPOINT
 
 
 def test_parameters_are_what_a_user_types_checked_as_the_cli_checks_them():
@@ -101,6 +104,53 @@ def test_schedule_defaults_to_the_config_and_names_a_bad_setting():
         cron_schedule(cfg, "61 * * * *")
     with pytest.raises(ConfigError, match="Invalid timezone"):
         cron_schedule(cfg, timezone="Mars/Olympus")
+
+
+def test_the_flow_pickles_as_serve_sends_it_to_its_run_process(tmp_path):
+    """`qwen-sft serve` runs each flow run in a spawned process and cloudpickles the flow into it: a ContextVar among
+    the globals pickled with it crashed every served run, and the flow it unpickled could not check its parameters
+    (#27). Here a fresh interpreter unpickles it and checks parameters as Prefect's engine does."""
+    import sys
+
+    import cloudpickle
+
+    from flows.finetune import finetune
+
+    payload = tmp_path / "flow.pickle"
+    payload.write_bytes(cloudpickle.dumps(finetune))
+    code = ("import pickle, sys; f = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(f.name, f.validate_parameters({'config': 'demo', 'overrides': ['train.max_steps=3']}))")
+    out = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("finetune {'config': 'demo', 'overrides': ['train.max_steps=3']"), out.stdout
+
+
+def test_a_deployment_carries_where_its_runs_land(tmp_path, monkeypatch):
+    """Without it a process worker starts a run in a temporary folder that it deletes afterwards, with the workdir
+    and the embedded store in it (#27): the folder and this shell's tracking store go with the deployment."""
+    from flows.deploy import run_location
+    from sft_core import process
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("demo")
+    here = run_location(cfg)
+    assert here["job_variables"] == {"working_dir": str(tmp_path.resolve())}
+    assert here["workdir"] == str(tmp_path.resolve() / ".qwen-sft")
+    assert (here["tracking"], here["tracking_from"]) == (f"sqlite:///{tmp_path.resolve() / '.qwen-sft'}/mlflow.db",
+                                                         "embedded")
+    assert run_location(cfg, "/app")["job_variables"] == {"working_dir": "/app"}
+
+    monkeypatch.setattr(process, "_user_environment", {"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    carried = run_location(cfg)
+    assert carried["job_variables"]["env"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert carried["tracking_from"] == "MLFLOW_TRACKING_URI"
+    named = run_location(load_config("demo", ["tracking.uri=http://other:5000"]))
+    assert "env" not in named["job_variables"] and named["tracking_from"] == "tracking.uri", "tracking.uri wins"
+    monkeypatch.setattr(process, "_user_environment", {"MLFLOW_TRACKING_URI": "http://alice:s3cret@mlflow:5000"})
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI holds a credential") as refused:
+        run_location(cfg)
+    assert "s3cret" not in str(refused.value)
 
 
 def test_deploy_needs_a_reachable_prefect_api():
@@ -294,3 +344,207 @@ def test_deploy_schedule_worker_run_lands_in_mlflow_on_postgres(tmp_path):
         demo = client.read_deployment_by_name("finetune/finetune-demo-tiny-medical")
         assert [s.active for s in demo.schedules] == [False]
     assert prefect.proc is None and mlflow.proc is None
+
+
+# --- slow: the README's team set-up, as printed (#27) -----------------------------------------------
+
+TEAM_OVERRIDES = [o for o in FAST if not o.startswith("registry.name=")] + ["registry.name=team-setup-model"]
+
+
+def _printed(log: Path, label: str) -> str:
+    """The command `qwen-sft deploy` printed after `label:`."""
+    import re
+
+    found = re.search(rf"^{label}:\s+(.+)$", log.read_text(), re.MULTILINE)
+    assert found, f"`qwen-sft deploy` printed no '{label}' line:\n{_tail(log)}"
+    return found.group(1).strip()
+
+
+def _start_in_background(command: str, env: dict[str, str], cwd: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    """`command &` from a script, as a user's start-up script runs a worker (SIGINT ignored in it); (the shell, the
+    command's process id)."""
+    import time
+
+    pid_file = cwd / f"{log.stem}.pid"
+    with open(log, "ab") as out:
+        shell = subprocess.Popen(["bash", "-c", f"{command} & echo $! > {pid_file}; wait"], cwd=cwd, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return shell, int(pid_file.read_text())
+
+
+def _stops_on_sigterm(shell: subprocess.Popen, pid: int, log: Path, within: float = 30) -> float:
+    """SIGTERM the process `pid` alone; seconds until it (and the shell waiting on it) ended."""
+    import time
+
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    try:
+        shell.wait(within)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {within:.0f} s after SIGTERM:\n{_tail(log)}") from None
+    return time.monotonic() - started
+
+
+def _wait_until_logged(log: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no '{text}' (exit {proc.poll()}):\n{_tail(log)}"
+        time.sleep(1)
+
+
+def _wait_for_deployment(client, name: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    import time
+
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.read_deployment_by_name(name)
+            return
+        except ObjectNotFound:
+            assert proc.poll() is None and time.monotonic() < deadline, f"no {name} (exit {proc.poll()}):\n{_tail(log)}"
+            time.sleep(1)
+
+
+def _run_now(command: str, env: dict[str, str], cwd: Path) -> str:
+    """Run the printed `prefect deployment run '...'`; the flow run's id."""
+    import re
+    import shlex
+
+    out = subprocess.run(shlex.split(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+
+
+def _wait_final(client, flow_run_id: str, logs: list[Path], timeout: float = 900):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.read_flow_run(flow_run_id).state
+        if state and state.is_final():
+            return state
+        time.sleep(3)
+    raise AssertionError(f"flow run {flow_run_id} not final after {timeout:.0f} s:\n" + "\n".join(map(_tail, logs)))
+
+
+def _summary_link_resolves(client, flow_run_id: str, mlc) -> str:
+    """The `finetune-summary` artifact of the flow run links to an MLflow run that exists; that run's id."""
+    import re
+    import urllib.request
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=["finetune-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    url = re.search(r"MLflow run: \[\w+\]\(([^)]+)\)", artifact.data).group(1)
+    exp_id, run_id = re.search(r"#/experiments/(\d+)/runs/(\w+)", url).groups()
+    assert mlc.get_run(run_id).info.experiment_id == exp_id, url
+    with urllib.request.urlopen(url.split("#")[0], timeout=10) as page:  # the UI that serves the page is up
+        assert page.status == 200
+    return run_id
+
+
+@pytest.mark.slow
+def test_the_readme_team_setup_runs_as_printed(tmp_path):
+    """README, team set-up: `qwen-sft deploy -c <preset> --set ...` in the project folder with the team's MLflow in
+    MLFLOW_TRACKING_URI, then the worker command it prints, started as a start-up script starts it (in the
+    background, elsewhere, without MLFLOW_TRACKING_URI), and `qwen-sft serve`: each triggered run ends Completed,
+    lands in the project folder's workdir, registers in that MLflow, and its summary links to a run that exists;
+    the worker stops on SIGTERM (#27: serve crashed every run; the worker trained in a folder Prefect deleted,
+    registered in a store nobody saw, and ignored SIGTERM)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    with ExitStack() as stack:
+        with ThreadPoolExecutor(2) as pool:
+            started = [pool.submit(lambda: stack.enter_context(prefect_server(tmp_path))),
+                       pool.submit(lambda: stack.enter_context(mlflow_server(tmp_path)))]
+        prefect, mlflow = (f.result() for f in started)
+        base = dict(PREFECT_API_URL=prefect.api_url, PREFECT_HOME=str(tmp_path / "prefect-client"), HF_HUB_OFFLINE="1",
+                    TOKENIZERS_PARALLELISM="false")
+        shell_env = child_env(**base, MLFLOW_TRACKING_URI=mlflow.url)  # the deploying user's shell
+        worker_env = child_env(**base)  # a worker's service: no MLFLOW_TRACKING_URI of its own
+        stack.enter_context(temporary_settings({PREFECT_API_URL: prefect.api_url}))
+        client = stack.enter_context(get_client(sync_client=True))
+        mlc = MlflowClient(tracking_uri=mlflow.url, registry_uri=mlflow.url)
+
+        deploy_log = tmp_path / "deploy.log"
+        code = _run_group([str(BIN / "qwen-sft"), "deploy", "-c", "demo", *_sets(TEAM_OVERRIDES)], shell_env,
+                          deploy_log, timeout=300, cwd=project)
+        assert code == 0, _tail(deploy_log)
+        worker_cmd, run_cmd = _printed(deploy_log, "start a worker"), _printed(deploy_log, "run it now")
+        dep = client.read_deployment_by_name("finetune/finetune-demo-tiny-medical")
+        assert dep.job_variables == {"working_dir": str(project.resolve()), "env": {"MLFLOW_TRACKING_URI": mlflow.url}}
+
+        # (b) the worker, as printed
+        worker_log = tmp_path / "worker.log"
+        shell, worker_pid = _start_in_background(worker_cmd, worker_env, elsewhere, worker_log)
+        try:
+            _wait_until_logged(worker_log, "started!", shell)
+            flow_run_id = _run_now(run_cmd, shell_env, project)
+            state = _wait_final(client, flow_run_id, [worker_log])
+            assert state.type == StateType.COMPLETED, f"{state}\n{_tail(worker_log)}"
+            stop_s = _stops_on_sigterm(shell, worker_pid, worker_log)
+        finally:
+            _stop_group(shell, grace=5)
+        print(f"worker flow run {flow_run_id}: {state.type.value}; worker stopped {stop_s:.1f} s after SIGTERM")
+        assert (project / ".qwen-sft" / "train").is_dir(), "the run trained in the project folder's workdir"
+        run_id = _summary_link_resolves(client, flow_run_id, mlc)
+        run = mlc.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["prefect.flow_run_id"] == flow_run_id
+        assert mlc.get_model_version_by_alias("team-setup-model", "candidate").run_id == run_id
+
+        # (a) `qwen-sft serve`, a run triggered on its deployment
+        serve_log = tmp_path / "serve.log"
+        with open(serve_log, "ab") as out:
+            served = subprocess.Popen([str(BIN / "qwen-sft"), "serve", "-c", "demo", *_sets(TEAM_OVERRIDES)],
+                                      cwd=project, env=shell_env, stdout=out, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_for_deployment(client, "finetune/finetune-demo-tiny-medical-serve", served, serve_log)
+            served_run = _run_now("prefect deployment run 'finetune/finetune-demo-tiny-medical-serve'", shell_env,
+                                  project)
+            state = _wait_final(client, served_run, [serve_log])
+            assert state.type == StateType.COMPLETED, f"{state}\n{_tail(serve_log)}"
+            served.send_signal(signal.SIGTERM)
+            assert served.wait(60) == 0, _tail(serve_log)
+        finally:
+            _stop_group(served, grace=5)
+        print(f"served flow run {served_run}: {state.type.value}")
+        assert _summary_link_resolves(client, served_run, mlc) == run_id, "unchanged config and data: the same run"
+        assert served_run in mlc.get_run(run_id).data.tags["prefect.flow_run_ids"]
+        assert [int(v.version) for v in mlc.search_model_versions("name = 'team-setup-model'")] == [1], \
+            "cached: nothing new registered"
+
+
+@pytest.mark.slow
+def test_the_printed_worker_command_stops_on_sigterm_started_in_the_background(tmp_path):
+    """A start-up script's `cmd &` leaves SIGINT ignored in the worker; Prefect's worker turns SIGTERM into SIGINT,
+    so `prefect worker start` started that way ignored SIGTERM until SIGKILL (#27)."""
+    with prefect_server(tmp_path) as prefect:
+        env = child_env(PREFECT_API_URL=prefect.api_url, PREFECT_HOME=str(tmp_path / "prefect-client"))
+        deploy_log = tmp_path / "deploy.log"
+        code = _run_group([str(BIN / "qwen-sft"), "deploy", "-c", "demo", "--paused"], env, deploy_log, timeout=300,
+                          cwd=tmp_path)
+        assert code == 0, _tail(deploy_log)
+        log = tmp_path / "worker.log"
+        shell, pid = _start_in_background(_printed(deploy_log, "start a worker"), env, tmp_path, log)
+        try:
+            _wait_until_logged(log, "started!", shell)
+            assert _stops_on_sigterm(shell, pid, log) < 30
+        finally:
+            _stop_group(shell, grace=5)

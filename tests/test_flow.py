@@ -77,7 +77,9 @@ def test_first_run_tracks_everything(first, server):
     assert run.info.status == "FINISHED"
     exp = c.get_experiment(run.info.experiment_id)
     assert exp.name == "sample--qwen2"
-    assert exp.tags["mlflow.experimentKind"] == "finetuning", "the UI opens the experiment on its training runs"
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "the type the UI's selector writes"
+    assert summary["run_url"].endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), \
+        "the link opens the run in the model-training view"
     # the run's name says what differs from the preset; its description says how to run it again
     assert run.info.run_name.startswith("demo ") and "train.max_steps=24" in run.info.run_name
     assert "workdir=" not in run.info.run_name and "tracking.uri" not in run.info.run_name
@@ -105,6 +107,8 @@ def test_first_run_tracks_everything(first, server):
     assert "validation/data_docs/index.html" in files
     assert any(f.startswith("validation/data_docs/validations/") and f.endswith(".html") for f in files)
     assert any(f.startswith("validation/data_docs/expectations/") and f.endswith(".html") for f in files)
+    assert "artifacts/validation/validation_report.html?workflowType=machine_learning)" in \
+        run.data.tags["mlflow.note.content"], "the description links the report page MLflow shows whole"
     page = Path(c.download_artifacts(run.info.run_id, "validation/validation_report.html")).read_text(encoding="utf-8")
     assert "All checks passed" in page and "expect_column_values_to_be_unique" in page
     assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page, \
@@ -136,6 +140,11 @@ def test_first_run_tracks_everything(first, server):
     mv = c.get_model_version_by_alias("flow-test-model", "candidate")
     assert mv.run_id == run.info.run_id and int(mv.version) == summary["registered"]["version"]
     assert "eval_loss" in mv.tags and mv.tags["run_id"] == run.info.run_id
+    # the logged model carries the fine-tune's figures and names its version
+    logged = c.get_logged_model(mv.source.split("/")[-1])  # models:/m-<id>
+    assert run.data.metrics["eval/loss"] in {m.value for m in logged.metrics if m.key == "eval/loss"}
+    assert {"gen/format_ok_rate", "eval/perplexity"} <= {m.key for m in logged.metrics}
+    assert {"name": "flow-test-model", "version": mv.version} in json.loads(logged.tags["mlflow.modelVersions"])
 
 
 def _stage_files(workdir: Path) -> dict[str, tuple[int, int]]:

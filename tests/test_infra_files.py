@@ -53,7 +53,8 @@ def test_compose_wiring_between_services(compose):
         "postgresql+asyncpg://") and s["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].endswith(
         "@postgres:5432/prefect")
     worker = s["worker"]
-    assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", "qwen-sft-process"]
+    assert worker["command"][:4] == ["qwen-sft", "worker", "--pool", "qwen-sft-process"], "stops on SIGTERM"
+    assert worker["init"] is True
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["deploy"]["resources"]["reservations"]["devices"] == [

@@ -224,3 +224,102 @@ def test_harness_generates_what_the_pipeline_generates(tmp_path, tiny_model_dir)
     assert theirs["metrics"]["format_ok_rate"] == generation_metrics(ours)["format_ok_rate"]
     assert theirs["metrics"]["rouge_l"] == pytest.approx(generation_metrics(ours)["rouge_l"])
     assert theirs["metrics"]["num_samples"] == 5
+
+
+def test_the_harness_prints_no_progress_bar_and_no_git_complaint(tmp_path, tiny_model_dir, capfd, monkeypatch):
+    """A worker's log gets lm-eval's figures, not its tqdm bar nor git's `fatal: not a git repository` (#27)."""
+    import importlib.util
+
+    from tests.conftest import require
+
+    require(importlib.util.find_spec("lm_eval") is not None, "lm-evaluation-harness (the '.[eval]' extra)")
+    from sft_core.data import BUNDLED_SAMPLE, read_jsonl
+    from sft_core.harness import run_harness
+
+    outside = tmp_path / "not-a-repository"  # where a worker starts a run: no git repository around it
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    capfd.readouterr()
+    result = run_harness(tiny_model_dir, read_jsonl(BUNDLED_SAMPLE)[:3], tmp_path / "harness", system_prompt=SYSTEM,
+                         max_new_tokens=8, batch_size=4)
+    out, err = capfd.readouterr()
+    assert result["metrics"]["num_samples"] == 3
+    assert "fatal:" not in out + err, err[-2000:]
+    assert "generate_until requests" not in out + err and "it/s]" not in out + err, err[-2000:]
+
+
+# --- what the registry shows (#27) -----------------------------------------------------------------
+
+def _shown_text(markdown: str) -> str:
+    """The text a Markdown viewer shows (MLflow's UI renders descriptions as Markdown, dropping unknown tags)."""
+    import html
+    from html.parser import HTMLParser
+
+    from markdown_it import MarkdownIt
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+
+        def handle_data(self, data):
+            self.parts.append(data)
+
+    parser = Text()
+    parser.feed(MarkdownIt("commonmark").render(markdown))
+    return html.unescape("".join(parser.parts))
+
+
+def test_the_cards_commands_find_the_model_they_came_from_and_its_text_keeps_think():
+    import shlex
+
+    from sft_core.model_card import CardFacts, render_model_card
+
+    overrides = ["train.max_steps=24", "registry.name=card-model", "workdir=/srv/qwen sft/work"]
+    cfg = load_config("demo", overrides)
+    raw = "<think>发烧三天</think>\n\n多喝水"  # a sample the parser could not split: shown as generated
+    facts = CardFacts(registered_name="card-model", version=2, dataset_digest="d" * 64, train_rows=113, val_rows=13,
+                      fine_tuned={"eval/loss": 6.75}, samples=[{"question": "<b>发烧</b>怎么办", "text": raw}],
+                      train_steps=1026, selected_by="eval_gen_score", kept_step=600, config="demo", overrides=overrides)
+    card = render_model_card(cfg, facts)
+    for command in ("serve-model", "predict"):
+        line = next(x for x in card.splitlines() if x.startswith(f"qwen-sft {command} "))
+        argv = shlex.split(line.split("#")[0])
+        preset = argv[argv.index("-c") + 1]
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        again = load_config(preset, sets)
+        assert again.config_hash() == cfg.config_hash() and again.registry.name == "card-model", line
+        assert again.workdir_path == cfg.workdir_path, "the same embedded store"
+    assert "the checkpoint of step 600, the one with the most usable answers on the selection questions" in card
+    shown = _shown_text(card)
+    assert "<think>发烧三天</think>" in shown and "<b>发烧</b>怎么办" in shown, "free text is shown, not taken as HTML"
+    assert "<think>reasoning</think>" in shown
+
+
+def test_the_logged_model_carries_the_fine_tunes_figures_and_names_its_version(tmp_path, tiny_model_dir):
+    """MLflow links the run's metrics at the model's step to the logged model: at step 0 they were the base model's
+    (8.371 on the demo); the embedded store never said which registered version the logged model became."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    from tasks import tracking
+
+    cfg = load_config("demo", [f"workdir={tmp_path}", "registry.name=linked-model"])
+    c = tracking.client(cfg)
+    run_id = c.create_run(tracking.ensure_experiment(cfg)).info.run_id
+    tracking.log_metrics(cfg, run_id, {"base/eval/loss": 8.371, "base/gen/format_ok_rate": 0.0}, step=0)
+    tracking.log_metrics(cfg, run_id, {"eval/loss": 7.45, "train/loss": 7.2}, step=12)  # the training curve
+    tracking.log_metrics(cfg, run_id, {"eval/loss": 6.75, "gen/format_ok_rate": 1.0}, step=24)  # the final figures
+    uri = tracking.log_model(cfg, run_id, str(tiny_model_dir), max_new_tokens=8, step=24)
+    assert tracking.link_model_metrics(cfg, run_id, ["eval/loss", "gen/format_ok_rate"]) == 2
+    registered = tracking.register(cfg, run_id, uri, {"eval/loss": 6.75}, "train-key")
+
+    model = c.get_logged_model(uri.split("/")[-1])
+    figures = {m.key: m.value for m in model.metrics}
+    assert figures["eval/loss"] == 6.75 and figures["gen/format_ok_rate"] == 1.0, figures
+    assert not any(k.startswith("base/") for k in figures), "the base model's figures are not the fine-tune's"
+    assert json.loads(model.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": "linked-model",
+                                                              "version": str(registered["version"])}]
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "eval/loss")] == [(12, 7.45), (24, 6.75)], \
+        "linking sends the same points again: the run's history is unchanged"
+    assert "<think>" in _shown_text(c.get_registered_model("linked-model").description)

@@ -63,3 +63,33 @@ def test_mlflow_requests_carry_no_credentials_in_their_urls(tmp_path, monkeypatc
         client(cfg).search_experiments()
     assert "127.0.0.1:9" in str(failed.value) and "s3cr" not in str(failed.value), str(failed.value)
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "s3cr@t")
+
+
+def test_the_experiment_is_typed_for_model_training_and_its_links_open_on_the_runs(tmp_path):
+    """MLflow 3.17's UI opens an experiment on its GenAI overview unless the link says
+    `workflowType=machine_learning` (its type tag is read only with its workflow switch off): the type tag is the
+    value its own selector writes, set on an experiment made before, and every printed link carries the view (#27)."""
+    from pathlib import Path
+
+    import mlflow
+
+    from tasks import tracking
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    ui = "".join(p.read_text(encoding="utf-8", errors="replace") for p in bundle.glob("main.*.js"))
+    assert 'CUSTOM_MODEL_DEVELOPMENT="custom_model_development"' in ui and '"mlflow.experimentKind"' in ui
+    assert 'MACHINE_LEARNING="machine_learning"' in ui and 'get("workflowType")' in ui, "the UI still reads the view"
+
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    c = tracking.client(cfg)
+    made_before = c.create_experiment(tracking.experiment_name(cfg), tags={"mlflow.experimentKind": "finetuning"})
+    assert tracking.ensure_experiment(cfg) == made_before
+    assert c.get_experiment(made_before).tags["mlflow.experimentKind"] == "custom_model_development"
+    fresh = tracking.ensure_experiment(load_config("demo", [f"workdir={tmp_path}", "tracking.experiment=fresh"]))
+    assert c.get_experiment(fresh).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    run_id = c.create_run(made_before).info.run_id
+    assert tracking.run_url(cfg, run_id) == (f"http://127.0.0.1:5000/#/experiments/{made_before}/runs/{run_id}"
+                                             "?workflowType=machine_learning")
+    assert tracking.experiment_url(cfg) == (f"http://127.0.0.1:5000/#/experiments/{made_before}"
+                                            "?workflowType=machine_learning")

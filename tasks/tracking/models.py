@@ -26,6 +26,9 @@ ALIASES = (CANDIDATE, PRODUCTION, PREVIOUS)
 GATE_TAG = "gate"  # on a promoted version: "passed", or "forced" (it failed the gate; --force with a reason)
 REPORT_ARTIFACT = "evaluation/report.json"  # the run's evaluation report (sft_core.report), what the gate pairs
 REGISTERED_TAG = "qwen_sft.registered"  # set last: a version without it was cut short and is finished by a re-run
+# The registry renders descriptions as Markdown and drops a bare `<think>` as an HTML tag: code spans keep it.
+MODEL_DESCRIPTION = "Qwen2.5 medical `<think>` assistant (qwen-sft-pipeline)"
+_OLD_DESCRIPTION = "Qwen2.5 medical <think> assistant (qwen-sft-pipeline)"  # before #27: shown without `<think>`
 
 PIP_REQUIREMENTS = ["torch", "transformers>=5,<6", "accelerate", "safetensors", "tokenizers"]
 
@@ -61,18 +64,28 @@ def _transformers5_task_impl_compat():
         pipelines.check_task = original
 
 
-def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_tokens: int, card: str | None = None) -> str:
+def _logged_models(c, run_id: str) -> list:
+    """The run's logged models named `model` (the fine-tune; a crash may have left a PENDING one)."""
+    import mlflow
+
+    return [m for m in mlflow.search_logged_models(experiment_ids=[c.get_run(run_id).info.experiment_id],
+                                                    filter_string=f"source_run_id = '{run_id}'", output_format="list")
+            if m.name == "model"]
+
+
+def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_tokens: int, card: str | None = None,
+              step: int = 0) -> str:
     """Log the final model from its folder with the transformers flavor; returns the model URI.
 
     `card` (Markdown) is saved as the flavor's model card, so MLflow does not try to fetch one from the hub.
+    `step` is the step the fine-tune's figures sit at: MLflow links the run's metrics at the model's step to the
+    logged model (at step 0 they are the base model's).
     """
     import mlflow
     from mlflow.models import infer_signature
 
     c = client(cfg)
-    logged = [m for m in mlflow.search_logged_models(experiment_ids=[c.get_run(run_id).info.experiment_id],
-                                                       filter_string=f"source_run_id = '{run_id}'", output_format="list")
-              if m.name == "model"]
+    logged = _logged_models(c, run_id)
     ready = [m for m in logged if str(m.status).endswith("READY")]
     if ready:
         return ready[0].model_uri
@@ -94,8 +107,45 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_token
             # (greedy, its stop tokens and budget) and the signature's params
             metadata={"system_prompt": cfg.data.system_prompt},
             model_card=_hub_card(card),
+            step=step,
         )
     return info.model_uri
+
+
+def link_model_metrics(cfg: PipelineConfig, run_id: str, keys: list[str]) -> int:
+    """The fine-tune's figures on its logged model: each key's newest point in the run, sent again with the
+    model's id (the same step, time and value, so the run's history does not change); the number linked."""
+    from mlflow.entities import Metric
+
+    c = client(cfg)
+    models = [m for m in _logged_models(c, run_id) if str(m.status).endswith("READY")]
+    if not models:
+        return 0
+    points = []
+    for key in keys:
+        history = c.get_metric_history(run_id, key)
+        if history:
+            m = max(history, key=lambda p: (p.step, p.timestamp))
+            points.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=models[0].model_id, run_id=run_id))
+    if points:
+        c.log_batch(run_id, metrics=points)
+    return len(points)
+
+
+def _link_version(c, model_uri: str, name: str, version: str) -> None:
+    """The logged model names its registered version (the tag MLflow's UI reads; its server sets it, the
+    embedded store does not)."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    if not model_uri.startswith("models:/m-"):
+        return
+    model_id = model_uri.split("/")[-1]
+    entry = {"name": name, "version": str(version)}
+    linked = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if entry not in linked:
+        c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
 
 def _hub_card(text: str | None):
@@ -131,15 +181,17 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
     c = client(cfg)
     name = cfg.registry.name
     try:
-        c.get_registered_model(name)
+        if c.get_registered_model(name).description == _OLD_DESCRIPTION:
+            c.update_registered_model(name, description=MODEL_DESCRIPTION)
     except Exception:
         try:
-            c.create_registered_model(name, description="Qwen2.5 medical <think> assistant (qwen-sft-pipeline)")
+            c.create_registered_model(name, description=MODEL_DESCRIPTION)
         except Exception:
             c.get_registered_model(name)  # created concurrently
     found = c.search_model_versions(f"name = '{name}' and tag.train_key = '{train_key}' and run_id = '{run_id}'")
     if found and not _cut_short(c, name, found[0]):
         # an unchanged run: its version exists, and every alias stays where a person or the gate put it
+        _link_version(c, model_uri, name, found[0].version)
         return {"name": name, "version": int(found[0].version), "alias": None, "reused": True,
                 "aliases": aliases(cfg)}
     if found:  # a crash between creating the version and moving the alias: finish that registration
@@ -150,6 +202,7 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
         model_id = model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None
         version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
         _wait_ready(c, name, version.version)
+    _link_version(c, model_uri, name, version.version)
     c.set_registered_model_alias(name, CANDIDATE, version.version)
     c.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
     return {"name": name, "version": int(version.version), "alias": CANDIDATE, "reused": False,

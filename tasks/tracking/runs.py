@@ -38,7 +38,12 @@ def experiment_name(cfg: PipelineConfig) -> str:
     return f"{parse_data_source(cfg.data.source).name}--{parse_model_source(cfg.model.source).name}"
 
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "finetuning"}  # the MLflow 3 UI opens it on its training runs
+# The experiment's type, as the MLflow UI's own type selector writes it ("Machine learning"). MLflow 3.17's UI
+# reads it only with its workflow switch off; with the switch (the default) a browser opens every experiment on the
+# GenAI overview unless the URL says `workflowType=machine_learning` or the user picked "Model training" in that
+# browser. So every link this package prints carries the parameter (`UI_QUERY`).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_QUERY = "?workflowType=machine_learning"
 
 
 def ensure_experiment(cfg: PipelineConfig) -> str:
@@ -139,12 +144,24 @@ def end_run(cfg: PipelineConfig, handle: RunHandle, status: str = "FINISHED", de
 LOCAL_UI = "http://127.0.0.1:5000"  # where `qwen-sft ui` serves an embedded store
 
 
-def run_url(cfg: PipelineConfig, run_id: str) -> str:
-    """The run's page in the MLflow UI: the tracking server's, or `qwen-sft ui`'s for the embedded store."""
+def ui_base(cfg: PipelineConfig) -> str:
+    """The MLflow UI: the tracking server, or `qwen-sft ui`'s for the embedded store (password hidden)."""
     uri = tracking_uri(cfg)
+    return redact_uri(uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI)
+
+
+def run_url(cfg: PipelineConfig, run_id: str, tab: str = "") -> str:
+    """The run's page in the MLflow UI (`tab`: e.g. `artifacts/validation/validation_report.html`), opening in
+    the model-training view."""
     exp_id = client(cfg).get_run(run_id).info.experiment_id
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{redact_uri(base)}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{ui_base(cfg)}/#/experiments/{exp_id}/runs/{run_id}{'/' + tab if tab else ''}{UI_QUERY}"
+
+
+def experiment_url(cfg: PipelineConfig, base: str | None = None) -> str | None:
+    """The experiment's page in the MLflow UI at `base` (default `ui_base`), opening on its training runs; None
+    before its first run."""
+    exp = client(cfg).get_experiment_by_name(experiment_name(cfg))
+    return f"{base or ui_base(cfg)}/#/experiments/{exp.experiment_id}{UI_QUERY}" if exp else None
 
 
 def needs_local_ui(cfg: PipelineConfig) -> bool:
@@ -198,17 +215,31 @@ def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: Split, source_l
 
 def log_validation(cfg: PipelineConfig, run_id: str, report: str | None, docs: str | None,
                    quarantine: str | None) -> None:
-    """Under `validation/`: the report as JSON and as one self-contained page, the whole GX Data Docs site
-    (its index links to the result and suite pages), and the quarantined rows."""
+    """Under `validation/`: first the report as one self-contained page, linked from the run's description (MLflow's
+    artifact view shows it whole), then as JSON, the whole GX Data Docs site (its index links to the result and
+    suite pages, styled and navigable in a browser opened on the downloaded folder: MLflow's view shows one file
+    without its style sheets), and the quarantined rows."""
     from sft_core.validation import REPORT_HTML
 
     if report:
+        page = Path(report).with_name(REPORT_HTML)
+        if page.exists():
+            log_artifact(cfg, run_id, page, "validation")
+            _describe(cfg, run_id, f"Data validation: [{REPORT_HTML}]"
+                                   f"({run_url(cfg, run_id, f'artifacts/validation/{REPORT_HTML}')})")
         log_artifact(cfg, run_id, report, "validation")
-        log_artifact(cfg, run_id, Path(report).with_name(REPORT_HTML), "validation")
     if docs:
         log_artifact(cfg, run_id, Path(docs).parent, "validation/data_docs")  # the site, not only its index.html
     if quarantine:
         log_artifact(cfg, run_id, quarantine, "validation")
+
+
+def _describe(cfg: PipelineConfig, run_id: str, line: str) -> None:
+    """Add `line` (Markdown) to the run's description, once."""
+    c = client(cfg)
+    note = c.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    if line not in note:
+        c.set_tag(run_id, "mlflow.note.content", f"{note}\n\n{line}".strip())
 
 
 def log_artifact(cfg: PipelineConfig, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
