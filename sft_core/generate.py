@@ -320,12 +320,13 @@ def resolve_max_new_tokens(setting: int | str, response_percentiles: dict[str, i
     return GenerationBudget(budget, p95, p99, warning)
 
 
-PREDICTION_COLUMNS = ("question", "reference_answer", "base_output", "think", "answer", "raw_output", "format_ok",
-                      "stopped", "rouge_l", "new_tokens")
+PREDICTION_COLUMNS = ("id", "question", "reference_answer", "base_output", "think", "answer", "raw_output", "format_ok",
+                      "stopped", "rouge_l", "new_tokens", "base_format_ok", "base_stopped")
 
 
 def side_by_side(fine_tuned: list[dict[str, Any]], base: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per question: the base model's output beside the fine-tune's think and answer.
+    """One row per report question (its `id` as in the logged sets): the base model's output and outcome beside
+    the fine-tune's think, answer and outcome.
 
     `raw_output` holds the fine-tune's text whenever it does not parse as one think block and an
     answer, so what the model said is never hidden behind empty think/answer cells.
@@ -335,9 +336,10 @@ def side_by_side(fine_tuned: list[dict[str, Any]], base: list[dict[str, Any]] | 
     for g in fine_tuned:
         b = by_question.get(g["question"])
         rows.append({
-            "question": g["question"], "reference_answer": g.get("reference_answer"),
+            "id": g.get("id"), "question": g["question"], "reference_answer": g.get("reference_answer"),
             "base_output": b["text"] if b else None, "think": g["think"], "answer": g["answer"],
             "raw_output": None if g["format_ok"] else g["text"], "format_ok": g["format_ok"],
             "stopped": g["stopped"], "rouge_l": g.get("rouge_l"), "new_tokens": g["new_tokens"],
+            "base_format_ok": b.get("format_ok") if b else None, "base_stopped": b.get("stopped") if b else None,
         })
     return rows

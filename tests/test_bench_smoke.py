@@ -85,3 +85,15 @@ def test_pipeline_tiny():
     # over a minute: Prefect's ephemeral server start alone is 15-60 s on 2 shared cores
     line = last_line(run_bench("pipeline.py", "--tiny", "--repeats", "1", timeout=900))
     assert re.fullmatch(r"pipeline cached/first [\d.]+%  overhead -?[\d.]+ s", line)
+
+
+def test_demo_outcome_tiny():
+    """One seed of the demo through the real flow at tests' sizes: a table row with intervals and the last line."""
+    tiny = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
+            "data.max_length=256", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
+            "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "eval.max_new_tokens=4",
+            "eval.harness=false"]
+    proc = run_bench("demo_outcome.py", "--seeds", "3", *[arg for o in tiny for arg in ("--set", o)], timeout=900)
+    assert re.fullmatch(r"demo beyond noise [01]/1 seeds", last_line(proc))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| 3 |"))
+    assert row.startswith("| 3 | 13 | ") and row.count("[") >= 5, row
