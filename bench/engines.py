@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16, help="HF's batch (the presets' eval.generate_batch_size)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="vLLM compiles its graphs (on CPU it runs eager by default)")
+    p.add_argument("--dtype", default="float32", help="vLLM's dtype (HF computes in float32 on CPU)")
     p.add_argument("--tiny", action="store_true", help="smoke run: 4 questions, 16 tokens, 1 repeat")
     args = p.parse_args()
     if args.tiny:
@@ -88,7 +90,8 @@ def main() -> None:
                                                      load_tokenizer(folder)))
         length = min(model_shape(folder).get("max_position_embeddings") or 4096, 512 + args.new_tokens)
         server = VllmServer(folder, served_name="bench", max_model_len=length, target=find_vllm(),
-                            sequences=len(qs), log_path=Path(tmp) / "vllm.log")
+                            sequences=len(qs), log_path=Path(tmp) / "vllm.log", dtype=args.dtype,
+                            eager=False if args.compile else None)
         vllm_load, _ = timed(server.start)
         try:
             def hf(qs_: list[str], n: int) -> int:
@@ -117,7 +120,7 @@ def main() -> None:
 
     print(f"machine: {machine_info()}")
     print(f"model: {'demo shape, random, stops blocked' if args.model is None else folder}, "
-          f"{params / 1e6:.1f}M params, fp32 on both")
+          f"{params / 1e6:.1f}M params; HF float32, vLLM {args.dtype} {'compiled' if args.compile else 'eager'}")
     print(f"work: {len(qs)} questions of the bundled sample, budget {args.new_tokens} new tokens, greedy; HF batch "
           f"{args.batch_size}, vLLM all in flight; median of {args.repeats}")
     header = f"{'engine':<6} {'load s':>7} {'gen s':>7} {'tokens':>7} {'tok/s':>8} {'vs HF':>6}"

@@ -158,12 +158,12 @@ class VllmServer:
     With a URL (`VllmTarget.url`) it uses that server as it is and starts nothing. On CPU (no CUDA here) it
     runs eager (no compile: ~1 minute less to start), in float32 unless `dtype` says otherwise (what the HF
     engine computes in), with a KV cache sized for `sequences` full-length sequences; on a GPU it takes
-    `gpu_memory_utilization` of it (vLLM's default when None).
+    `gpu_memory_utilization` of it (vLLM's default when None). `eager=False` compiles on CPU too.
     """
 
     def __init__(self, model_dir: str | Path, *, served_name: str, max_model_len: int, target: VllmTarget | None = None,
                  dtype: str = "auto", sequences: int = 8, gpu_memory_utilization: float | None = None,
-                 log_path: str | Path | None = None, startup_timeout: float = 900.0) -> None:
+                 log_path: str | Path | None = None, startup_timeout: float = 900.0, eager: bool | None = None) -> None:
         self.model_dir, self.served_name, self.max_model_len = Path(model_dir), served_name, max_model_len
         self.target = target or find_vllm()
         self.dtype, self.sequences, self.gpu_memory_utilization = dtype, sequences, gpu_memory_utilization
@@ -173,6 +173,7 @@ class VllmServer:
         self.url = self.target.url or ""
         self.key = os.environ.get("VLLM_API_KEY", "") if self.target.url else secrets.token_urlsafe(24)
         self.load_seconds = 0.0
+        self.eager = eager  # None: eager on CPU (no compile), compiled graphs on a GPU
 
     def __enter__(self) -> VllmServer:
         self.start()
@@ -197,7 +198,7 @@ class VllmServer:
             size = kv_cache_bytes(self.model_dir, self.max_model_len, self.sequences,
                                   4 if dtype == "float32" else 2)
             argv += ["--kv-cache-memory-bytes", str(size)]
-        if not cuda:
+        if self.eager or (self.eager is None and not cuda):
             argv.append("--enforce-eager")
         return argv
 

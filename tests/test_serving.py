@@ -218,6 +218,29 @@ def test_a_live_server_holds_its_limits_and_stops_when_nobody_waits(tmp_path, ti
         big = requests.post(f"{url}/invocations", data=b'{"inputs": ["' + b"x" * 1_000_000 + b'"]}',
                             headers={"Content-Type": "application/json"}, timeout=60)
         assert big.status_code == 413 and "1,000,0" in big.json()["message"], big.text
+        # issue 26, item 15: a chunked body (no length announced) is counted as it arrives and refused once past
+        # the cap, while the client is still sending; it was read whole first (512 MB: +0.9 GB of server memory)
+        for path in ("/invocations", "/v1/chat/completions"):
+            head = _chunked_past_the_cap(port, path, cap=4096)
+            assert head.startswith(b"HTTP/1.1 413") and b"at most 4,096" in head, head[:300]
+        # wrong-shaped JSON is a 4xx that says what was expected (it was a 500)
+        name = tiny_model_dir.name
+        for path, raw, status, words in (
+            ("/invocations", b"[1, 2]", 422, '{"inputs": ["question", ...]}, got an array'),
+            ("/invocations", b'"hello"', 422, "got a string"),
+            ("/invocations", b"[" * 2000 + b"]" * 2000, 400, "nests JSON too deeply"),
+            ("/v1/chat/completions", b"[1, 2]", 422, '"messages": [{"role": "user", "content": "..."}]}, got an array'),
+            ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": 1}]}' % name.encode(), 422,
+             "messages.0.role"),
+        ):
+            r = requests.post(f"{url}{path}", data=raw, headers={"Content-Type": "application/json"}, timeout=30)
+            message = r.json().get("message") or r.json()["error"]["message"]  # MLflow's shape, OpenAI's shape
+            assert r.status_code == status and words in message, (path, raw[:40], r.status_code, r.text)
+        chat = {"model": name, "messages": [{"role": "user", "content": "发烧怎么办？"}], "max_tokens": 20000}
+        started = time.monotonic()
+        slow_chat = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+        assert slow_chat.status_code == 504 and "longer than 4 s" in slow_chat.json()["error"]["message"], slow_chat.text
+        assert time.monotonic() - started < 20
 
         started = time.monotonic()
         slow = post({"inputs": ["发烧怎么办？"], "params": {"max_new_tokens": 20000}})
@@ -233,6 +256,18 @@ def test_a_live_server_holds_its_limits_and_stops_when_nobody_waits(tmp_path, ti
         health = requests.get(f"{url}/health", timeout=10).json()
         assert not health["busy"] and health["cancelled"] == before + 1, "it generated on for a client that left"
 
+        # a streamed reply whose client leaves after the first pieces: generation stops there too
+        before = requests.get(f"{url}/health", timeout=10).json()["cancelled"]
+        with requests.post(f"{url}/v1/chat/completions", json={**chat, "stream": True}, stream=True, timeout=60) as sse:
+            assert sse.status_code == 200 and sse.headers["content-type"].startswith("text/event-stream")
+            lines = sse.iter_lines()
+            assert next(lines).startswith(b"data: {")
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline and requests.get(f"{url}/health", timeout=10).json()["busy"]:
+            time.sleep(0.2)
+        health = requests.get(f"{url}/health", timeout=10).json()
+        assert not health["busy"] and health["cancelled"] == before + 1, "it streamed on to a client that left"
+
         threading.Thread(target=lambda: _quietly(post, {"inputs": ["头晕"], "params": {"max_new_tokens": 20000}}),
                          daemon=True).start()
         time.sleep(1.5)
@@ -245,6 +280,23 @@ def test_a_live_server_holds_its_limits_and_stops_when_nobody_waits(tmp_path, ti
         assert "127.0.0.1" in server.log_tail() and "0.0.0.0" not in server.log_tail()
     finally:
         server.stop()
+
+
+def _chunked_past_the_cap(port: int, path: str, cap: int) -> bytes:
+    """Send a chunked body a little past `cap`, never finishing it, and return what the server answers."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n".encode())
+        piece = b"x" * 1024
+        try:
+            for _ in range(cap // len(piece) + 2):
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        except OSError:  # the server answered and closed before the last piece: what the test wants to see
+            pass
+        s.settimeout(20)  # a server that waits for the body's end never answers: the test fails here
+        return s.recv(65536)
 
 
 def _quietly(fn, *args):

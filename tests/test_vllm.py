@@ -186,3 +186,13 @@ def test_both_engines_make_the_same_format_and_stop_decisions(tmp_path, format_m
                           f"logits are {gap:.2e} apart; same format and stop decision: {same}")
                     assert gap < 1e-3, f"question {i}: a real difference at token {k} (gap {gap:.3f}), not rounding"
     assert len(diverged) <= len(questions) // 4, diverged
+
+
+@pytest.mark.slow
+def test_the_engines_bench_runs(vllm_python):
+    """`bench/engines.py --tiny` runs end to end and ends with its ratio line (no timing asserted)."""
+    import re
+
+    from tests.test_bench_smoke import last_line, run_bench
+
+    assert re.fullmatch(r"vllm speedup [\d.]+x", last_line(run_bench("engines.py", "--tiny", timeout=900)))
