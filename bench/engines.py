@@ -112,8 +112,8 @@ def main() -> None:
                     wall, made = timed(lambda run=run: run(qs, args.new_tokens))
                     walls[name].append(wall)
                     tokens[name] = made
-                    print(f"  repeat {r + 1}/{args.repeats} {name}: {wall:.2f} s, {made} tokens, {made / wall:.1f} tok/s",
-                          file=sys.stderr, flush=True)
+                    print(f"  repeat {r + 1}/{args.repeats} {name}: {wall:.2f} s, {made} tokens, "
+                          f"{made / wall:.1f} tok/s", file=sys.stderr, flush=True)
         finally:
             server.stop()
         params = sum(t.numel() for t in model.parameters())

@@ -174,7 +174,7 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
     def unauthorized() -> RequestError:
         return RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'")
 
-    class Request_:
+    class _Job:
         """One request's clock and cancellation: `should_stop()` for the engine, and why it stopped."""
 
         def __init__(self) -> None:
@@ -189,9 +189,10 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
                 return 499, "the client closed the connection; generation stopped"
             if engine.shutting_down.is_set():
                 return 503, "the server is stopping; generation stopped"
-            return 504, f"the answer took longer than {limits.timeout_s:g} s (serve-model --timeout); generation stopped"
+            return 504, (f"the answer took longer than {limits.timeout_s:g} s (serve-model --timeout); "
+                         "generation stopped")
 
-    async def run_watched(request: Request, job: Request_, fn, *args):
+    async def run_watched(request: Request, job: _Job, fn, *args):
         """Run `fn` in a worker thread; when the client disconnects meanwhile, tell the engine to stop."""
         work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         while not work.done():
@@ -217,7 +218,7 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        job = Request_()
+        job = _Job()
         try:
             if not authorized(request):
                 raise unauthorized()
@@ -241,7 +242,7 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
         return oai.chat_completion(cid, model_name, piece.text, piece.finish_reason or "stop", len(prompt),
                                    piece.completion_tokens)
 
-    async def _events(job: Request_, cid: str, prompt: list[int], sampling: Sampling,
+    async def _events(job: _Job, cid: str, prompt: list[int], sampling: Sampling,
                       include_usage: bool) -> AsyncIterator[str]:
         """The reply as server-sent events: the role, reasoning deltas, answer deltas, the finish, [DONE]."""
         from starlette.concurrency import iterate_in_threadpool
@@ -269,7 +270,7 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
 
     @app.post("/invocations")
     async def invocations(request: Request):
-        job = Request_()
+        job = _Job()
         try:
             if not authorized(request):
                 raise unauthorized()

@@ -71,7 +71,8 @@ def test_bodies_of_the_wrong_shape_get_a_4xx_that_says_what_was_expected():
         ({**ok, "messages": "hello"}, 422, "messages: Input should be a valid list"),
         ({**ok, "n": 2}, 422, "n: Input should be 1"),
         ({**ok, "max_tokens": 100000}, 422, "max_tokens 100,000 is over this server's cap of 64"),
-        ({**ok, "messages": [{"role": "user", "content": "问" * 101}]}, 413, "101 characters; this server takes at most 100"),
+        ({**ok, "messages": [{"role": "user", "content": "问" * 101}]}, 413,
+         "101 characters; this server takes at most 100"),
         ({**ok, "model": "gpt-4o"}, 404, "this server serves 'm'"),
     ):
         with pytest.raises(RequestError) as exc:
@@ -239,7 +240,8 @@ def test_a_live_server_holds_its_limits_and_stops_when_nobody_waits(tmp_path, ti
         chat = {"model": name, "messages": [{"role": "user", "content": "发烧怎么办？"}], "max_tokens": 20000}
         started = time.monotonic()
         slow_chat = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
-        assert slow_chat.status_code == 504 and "longer than 4 s" in slow_chat.json()["error"]["message"], slow_chat.text
+        assert slow_chat.status_code == 504, slow_chat.text
+        assert "longer than 4 s" in slow_chat.json()["error"]["message"], slow_chat.text
         assert time.monotonic() - started < 20
 
         started = time.monotonic()
@@ -410,3 +412,21 @@ def test_an_openai_client_gets_replies_streams_and_refusals_from_serve_model(tmp
         server.stop()
     log = server.log_tail(100_000)
     assert "API key required" in log and key not in log, log[-2000:]
+
+
+def test_streamed_tokens_decode_to_exactly_the_whole_reply():
+    """`IncrementalDecoder`, which both engines stream through: fed one or a few ids at a time, its pieces add up to
+    `tokenizer.decode` of the reply up to its stop token, emoji and characters split across tokens included."""
+    from sft_core.engine import IncrementalDecoder
+    from sft_core.tiny_model import build_bpe_tokenizer
+
+    tokenizer = build_bpe_tokenizer(4096)
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer.encode("<think>\n头痛 🤒 é…\n</think>\n\n多休息 🙂🙂 ok" * 20, add_special_tokens=False)
+    for reply in (ids, ids[:50] + [stop] + ids[50:90]):
+        whole = tokenizer.decode(reply[:reply.index(stop)] if stop in reply else reply, skip_special_tokens=True)
+        for step in (1, 2, 5):
+            decoder = IncrementalDecoder(tokenizer, {stop})
+            pieces = [decoder.add(reply[i:i + step]) for i in range(0, len(reply), step)]
+            assert "".join(pieces) + decoder.flush() == whole and not any("\ufffd" in p for p in pieces)
+            assert decoder.stopped == (stop in reply) and sum(1 for p in pieces if p) > 3
