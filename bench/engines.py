@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16, help="HF's batch (the presets' eval.generate_batch_size)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="HF's torch threads: vLLM's CPU backend binds its compute "
+                   "to one thread per core less one it keeps for its server (1 on a 2-core host)")
     p.add_argument("--compile", action="store_true", help="vLLM compiles its graphs (on CPU it runs eager by default)")
     p.add_argument("--dtype", default="float32", help="vLLM's dtype (HF computes in float32 on CPU)")
     p.add_argument("--tiny", action="store_true", help="smoke run: 4 questions, 16 tokens, 1 repeat")
@@ -83,6 +85,9 @@ def main() -> None:
     from sft_core.modeling import load_model, load_tokenizer
     from sft_core.vllm_engine import VllmServer, find_vllm, generate_answers_vllm, model_shape
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     qs = questions(args.questions)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or demo_shaped_model(Path(tmp))
@@ -122,7 +127,7 @@ def main() -> None:
     print(f"model: {'demo shape, random, stops blocked' if args.model is None else folder}, "
           f"{params / 1e6:.1f}M params; HF float32, vLLM {args.dtype} {'compiled' if args.compile else 'eager'}")
     print(f"work: {len(qs)} questions of the bundled sample, budget {args.new_tokens} new tokens, greedy; HF batch "
-          f"{args.batch_size}, vLLM all in flight; median of {args.repeats}")
+          f"{args.batch_size} on {args.threads} thread(s), vLLM all in flight; median of {args.repeats}")
     header = f"{'engine':<6} {'load s':>7} {'gen s':>7} {'tokens':>7} {'tok/s':>8} {'vs HF':>6}"
     print(header)
     print("-" * len(header))
