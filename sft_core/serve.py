@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sft_core import openai_api as oai
 from sft_core.openai_api import API_KEY_ENV  # noqa: F401 - where the CLI and the docs find it
 from sft_core.engine import Engine, Piece, Sampling
+from sft_core.errors import EngineError
 
 @dataclass(frozen=True)
 class Limits:
@@ -236,7 +237,10 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_events(job, cid, prompt, sampling, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        piece: Piece = await run_watched(request, job, engine.complete, prompt, sampling, job.should_stop)
+        try:
+            piece: Piece = await run_watched(request, job, engine.complete, prompt, sampling, job.should_stop)
+        except EngineError as exc:  # vLLM gone or refusing: say so, the server stays up
+            return _openai_error(RequestError(502, str(exc)))
         if piece.finish_reason == "cancelled":
             return _openai_error(RequestError(*job.why()))
         return oai.chat_completion(cid, model_name, piece.text, piece.finish_reason or "stop", len(prompt),
@@ -251,10 +255,15 @@ def make_app(engine: Engine, limits: Limits, *, model_name: str = "", api_key: s
         last = Piece("")
         try:
             yield _sse(oai.chunk(cid, model_name, {"role": "assistant", "content": ""}))
-            async for piece in iterate_in_threadpool(engine.stream(prompt, sampling, job.should_stop)):
-                last = piece
-                for field, text in splitter.feed(piece.text):
-                    yield _sse(oai.chunk(cid, model_name, oai.delta(field, text)))
+            try:
+                async for piece in iterate_in_threadpool(engine.stream(prompt, sampling, job.should_stop)):
+                    last = piece
+                    for field, text in splitter.feed(piece.text):
+                        yield _sse(oai.chunk(cid, model_name, oai.delta(field, text)))
+            except EngineError as exc:
+                yield _sse(oai.error_body(502, str(exc)))
+                yield "data: [DONE]\n\n"
+                return
             if last.finish_reason == "cancelled":  # headers are sent: the error travels as an event
                 yield _sse(oai.error_body(*job.why()))
             else:

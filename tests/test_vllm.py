@@ -162,29 +162,39 @@ def test_both_engines_make_the_same_format_and_stop_decisions(tmp_path, format_m
         assert (h.format_ok, h.stopped, h.new_tokens, h.think, h.answer, h.rouge_l) == \
                (v.format_ok, v.stopped, v.new_tokens, v.think, v.answer, v.rouge_l), i
     print(f"{len(questions) - len(diverged)}/{len(questions)} replies identical token for token")
-    if diverged:  # explain each: where the two engines' ids part, the HF model's top two logits are a near tie
-        from sft_core.engine import Sampling
-        from sft_core.vllm_engine import VllmServer
+
+    # a vLLM already running (QWEN_SFT_VLLM=http://…, base_url=): the same answers, and the call leaves it running
+    from sft_core.engine import Sampling
+    from sft_core.vllm_engine import VllmServer
+
+    with VllmServer(format_model_dir, served_name="running", max_model_len=512, log_path=tmp_path / "v2.log") as server:
+        os.environ["VLLM_API_KEY"] = server.key
+        try:
+            again = generate_answers_vllm(format_model_dir, questions[:3], system_prompt=SYSTEM, max_new_tokens=96,
+                                          references=references[:3], base_url=server.url)
+        finally:
+            del os.environ["VLLM_API_KEY"]
+        assert [g.to_dict() for g in again] == [g.to_dict() for g in vl[:3]]
+        assert server.proc is not None and server.proc.poll() is None
+        # explain each divergence: where the two engines' ids part, the HF model's top two logits are a near tie
+        import httpx
 
         stops = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-        with VllmServer(format_model_dir, served_name="m", max_model_len=512, log_path=tmp_path / "v2.log") as server:
-            import httpx
-
-            with httpx.Client(timeout=300) as client:
-                for i in diverged:
-                    prompt = encode_prompt(tokenizer, questions[i], SYSTEM)
-                    v_ids = server.generate_ids(client, prompt, Sampling(max_new_tokens=96), stops, 1.0)
-                    with torch.inference_mode():
-                        out = model.generate(torch.tensor([prompt]), max_new_tokens=96, do_sample=False,
-                                             eos_token_id=stops, pad_token_id=stops[0])
-                        h_ids = out[0, len(prompt):].tolist()
-                        k = next(j for j, (a, b) in enumerate(zip(h_ids, v_ids)) if a != b)
-                        top = torch.topk(model(torch.tensor([prompt + h_ids[:k]])).logits[0, -1], 2).values
-                    gap = float(top[0] - top[1])
-                    same = (hf[i].format_ok, hf[i].stopped) == (vl[i].format_ok, vl[i].stopped)
-                    print(f"question {i}: the engines part at generated token {k}, where the HF model's top two "
-                          f"logits are {gap:.2e} apart; same format and stop decision: {same}")
-                    assert gap < 1e-3, f"question {i}: a real difference at token {k} (gap {gap:.3f}), not rounding"
+        with httpx.Client(timeout=300) as client:
+            for i in diverged:
+                prompt = encode_prompt(tokenizer, questions[i], SYSTEM)
+                v_ids = server.generate_ids(client, prompt, Sampling(max_new_tokens=96), stops, 1.0)
+                with torch.inference_mode():
+                    out = model.generate(torch.tensor([prompt]), max_new_tokens=96, do_sample=False,
+                                         eos_token_id=stops, pad_token_id=stops[0])
+                    h_ids = out[0, len(prompt):].tolist()
+                    k = next(j for j, (a, b) in enumerate(zip(h_ids, v_ids)) if a != b)
+                    top = torch.topk(model(torch.tensor([prompt + h_ids[:k]])).logits[0, -1], 2).values
+                gap = float(top[0] - top[1])
+                same = (hf[i].format_ok, hf[i].stopped) == (vl[i].format_ok, vl[i].stopped)
+                print(f"question {i}: the engines part at generated token {k}, where the HF model's top two "
+                      f"logits are {gap:.2e} apart; same format and stop decision: {same}")
+                assert gap < 1e-3, f"question {i}: a real difference at token {k} (gap {gap:.3f}), not rounding"
     assert len(diverged) <= len(questions) // 4, diverged
 
 
