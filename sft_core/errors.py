@@ -67,3 +67,10 @@ class StorageError(SftError):
     """The disk is full (or would be): the message names the folder, what is free and what the stage needs."""
 
     exit_code = 9
+
+
+class EngineError(SftError):
+    """The generation engine cannot run: vLLM missing or broken, its memory reservation refused, the model
+    shape unsupported. The message says what to do (a make target, an option)."""
+
+    exit_code = 10

@@ -115,7 +115,7 @@ def _render(cfg: PipelineConfig, f: CardFacts, sample_chars: int) -> str:
         "", "## Use it",
         "```bash",
         f'qwen-sft predict {args} --model {ref} "孩子发烧39度怎么办？"',
-        f"qwen-sft serve-model {args} --alias production   # once promoted; POST /invocations",
+        f"qwen-sft serve-model {args} --alias production   # once promoted: an OpenAI API on http://127.0.0.1:5001/v1",
         "```",
         "With transformers: download the version (`mlflow artifacts download -u " + ref + "`), then "
         "`AutoModelForCausalLM.from_pretrained(folder)` and `apply_chat_template(messages, "

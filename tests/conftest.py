@@ -74,3 +74,11 @@ def _isolate_tracking_env(monkeypatch):
     yield
     for key in keys:
         os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session")
+def format_model_dir(tmp_path_factory) -> Path:
+    """A tiny model fine-tuned until it answers `<think>…</think>` + answer and stops (tests/format_model.py)."""
+    from tests.format_model import train_format_model
+
+    return train_format_model(tmp_path_factory.mktemp("format-model"))

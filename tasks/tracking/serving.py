@@ -38,3 +38,13 @@ def ui_command(cfg: PipelineConfig, port: int = 5000) -> tuple[list[str], dict[s
         argv += ["--default-artifact-root", artifact_root(cfg)]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return argv, env
+
+
+def served_name(cfg: PipelineConfig, model: str | None = None) -> str:
+    """The model id clients name (`/v1/models`): the registered model's name, for the alias or a `models:/` URI;
+    a folder's name otherwise."""
+    if model is None:
+        return cfg.registry.name
+    if model.startswith("models:/"):
+        return model.removeprefix("models:/").split("@")[0].split("/")[0]
+    return Path(model.rstrip("/")).name or "model"
