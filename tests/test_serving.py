@@ -85,7 +85,8 @@ def test_bodies_of_the_wrong_shape_get_a_4xx_that_says_what_was_expected():
 
 def test_a_streamed_reasoning_split_adds_up_to_the_whole_replys_and_to_the_parsers():
     """`reasoning_content` / `content`: fed in any pieces, the splitter gives what it gives for the whole text, and
-    for a reply with one think block (or none, or one never closed) what `parse_response` calls think and answer."""
+    for a reply with one think block (or one never closed) what `parse_response` calls think and answer; an untagged
+    reply is all content for a client, while scoring gives it no answer."""
     import random
 
     from sft_core.generate import parse_response
@@ -97,7 +98,10 @@ def test_a_streamed_reasoning_split_adds_up_to_the_whole_replys_and_to_the_parse
     for text in replies:
         whole = split_reasoning(text)
         parsed = parse_response(text)
-        assert whole == (parsed.think, parsed.answer), (text, whole, parsed)
+        if "<think>" in text:
+            assert whole == (parsed.think, parsed.answer), (text, whole, parsed)
+        else:  # a client is shown an untagged reply as its content; scoring counts it as no answer (no </think>)
+            assert whole == ("", text.strip()) and parsed.answer == "", (text, whole, parsed)
         for seed in range(25):
             rnd, splitter, got = random.Random(seed), ReasoningSplitter(), {"reasoning_content": "", "content": ""}
             i = 0
