@@ -140,6 +140,11 @@ class EvalConfig(_Section):
     temperature: float = Field(default=0.7, gt=0)
     top_p: float = Field(default=0.9, gt=0, le=1)
     repetition_penalty: float = Field(default=1.0, ge=1.0)
+    # what generates the answers that are scored (checkpoint selection and the report): `hf` (transformers'
+    # batched generate, in this process) or `vllm` (a vLLM server on the model's folder, from its own environment:
+    # `make vllm`, or `vllm` / QWEN_SFT_VLLM naming a Python, a virtualenv or the URL of a running server)
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: str | None = None
     compare_base: bool = True  # evaluate and generate with the base model too: the table base | fine-tuned
     harness: bool = False  # also run lm-evaluation-harness on the registered version (pip install '.[eval]')
 

@@ -462,7 +462,7 @@ def train_key(cfg: PipelineConfig, tokens: Tokenized, splits: Split, model: Base
     if cfg.train.metric_for_best_model == "gen_score":  # what selects the checkpoint
         spec["check"] = {"val": splits.val_digest, "sets": splits.sets_digest, "max_new_tokens": max_new_tokens,
                          "system_prompt": cfg.data.system_prompt,
-                         **cfg.eval.model_dump(include={"num_generate", "generate_batch_size"})}
+                         **cfg.eval.model_dump(include={"num_generate", "generate_batch_size", "engine"})}
     return spec
 
 
@@ -496,7 +496,8 @@ def generation_check(cfg: PipelineConfig, select_rows: str, max_new_tokens: int)
         return None
     return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
                            system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
-                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty)
+                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
+                           engine=cfg.eval.engine, vllm=cfg.eval.vllm)
 
 
 def evaluate_key(cfg: PipelineConfig, model: BaseModel | Trained, tokens: Tokenized) -> dict:
@@ -531,7 +532,7 @@ def report_rows(cfg: PipelineConfig, splits: Split) -> list[dict]:
 
 
 def generate_key(cfg: PipelineConfig, model: BaseModel | Trained, splits: Split, max_new_tokens: int) -> dict:
-    e = cfg.eval.model_dump(exclude={"batch_size", "compare_base", "harness", "max_new_tokens"})
+    e = cfg.eval.model_dump(exclude={"batch_size", "compare_base", "harness", "max_new_tokens", "vllm"})
     return {"model": model.key, "val": splits.val_digest, "sets": splits.sets_digest, "eval": e,
             "max_new_tokens": max_new_tokens, "system_prompt": cfg.data.system_prompt}
 
@@ -546,20 +547,34 @@ def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
 
     e = cfg.eval
     rows = report_rows(cfg, splits)
-    tokenizer = load_tokenizer(model.model_dir)
-    lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
-                    attn_implementation=cfg.model.attn_implementation)
-    if isinstance(model, BaseModel):  # the untouched base: make it stop on <|im_end|> too, for a fair comparison
-        prepare_for_sft(lm, tokenizer)
-    gens = generate_answers(
-        lm, tokenizer, [r["question"] for r in rows], system_prompt=cfg.data.system_prompt,
-        max_new_tokens=max_new_tokens, batch_size=e.generate_batch_size, do_sample=e.do_sample,
-        temperature=e.temperature, top_p=e.top_p, repetition_penalty=e.repetition_penalty, seed=cfg.train.seed,
-        references=[r["answer"] for r in rows],
-        progress=(lambda done, total: log(f"answered {done}/{total} report questions")) if log else None,
-    )
+    questions, references = [r["question"] for r in rows], [r["answer"] for r in rows]
+    progress = (lambda done, total: log(f"answered {done}/{total} report questions")) if log else None
+    sampling = {"max_new_tokens": max_new_tokens, "do_sample": e.do_sample, "temperature": e.temperature,
+                "top_p": e.top_p, "repetition_penalty": e.repetition_penalty, "seed": cfg.train.seed}
+    if e.engine == "vllm":  # the same prompts, stops (<|im_end|> for the base too) and parse, through a vLLM server
+        from sft_core.vllm_engine import generate_answers_vllm
+
+        gens = generate_answers_vllm(model.model_dir, questions, system_prompt=cfg.data.system_prompt,
+                                     references=references, progress=progress, vllm=e.vllm,
+                                     dtype=_vllm_dtype(cfg), **sampling)
+    else:
+        tokenizer = load_tokenizer(model.model_dir)
+        lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
+                        attn_implementation=cfg.model.attn_implementation)
+        if isinstance(model, BaseModel):  # the untouched base: make it stop on <|im_end|> too, for a fair comparison
+            prepare_for_sft(lm, tokenizer)
+        gens = generate_answers(lm, tokenizer, questions, system_prompt=cfg.data.system_prompt,
+                                batch_size=e.generate_batch_size, references=references, progress=progress,
+                                **sampling)
     path = write_jsonl([{"id": question_id(g.question), **g.to_dict()} for g in gens], folder / "predictions.jsonl")
     return {"predictions": str(path), "metrics": generation_metrics(gens)}
+
+
+def _vllm_dtype(cfg: PipelineConfig) -> str:
+    """The dtype vLLM loads the model in: the one the HF engine would use on this device."""
+    from sft_core.modeling import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.train.device))).removeprefix("torch.")
 
 
 def harness_key(cfg: PipelineConfig, model: Trained, splits: Split, max_new_tokens: int) -> dict:

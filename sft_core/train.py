@@ -44,15 +44,34 @@ class GenerationCheck:
     max_new_tokens: int
     batch_size: int = 16
     repetition_penalty: float = 1.0
+    engine: str = "hf"  # `vllm`: the checkpoint is written to a folder and answered by a vLLM server on it
+    vllm: str | None = None
 
     def run(self, model: Any, tokenizer: Any) -> dict[str, float]:
         from sft_core.generate import generate_answers, generation_metrics
 
-        gens = generate_answers(model, tokenizer, self.questions, system_prompt=self.system_prompt,
-                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                                repetition_penalty=self.repetition_penalty, references=self.references)
+        if self.engine == "vllm":
+            gens = self._with_vllm(model, tokenizer)
+        else:
+            gens = generate_answers(model, tokenizer, self.questions, system_prompt=self.system_prompt,
+                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                                    repetition_penalty=self.repetition_penalty, references=self.references)
         m = generation_metrics(gens)
         return {"gen_score": m["score"], **{k: m[k] for k in GENERATION_CHECK_METRICS[1:]}}
+
+
+    def _with_vllm(self, model: Any, tokenizer: Any) -> list:
+        """The weights as they are now, saved to a temporary folder a vLLM server loads (greedy, same stops)."""
+        import tempfile
+
+        from sft_core.vllm_engine import generate_answers_vllm
+
+        with tempfile.TemporaryDirectory(prefix="selection-") as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            return generate_answers_vllm(folder, self.questions, system_prompt=self.system_prompt,
+                                         max_new_tokens=self.max_new_tokens, references=self.references,
+                                         repetition_penalty=self.repetition_penalty, vllm=self.vllm)
 
 
 GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "usable_rate", "rouge_l", "mean_new_tokens")

@@ -206,3 +206,35 @@ def test_the_engines_bench_runs(vllm_python):
     from tests.test_bench_smoke import last_line, run_bench
 
     assert re.fullmatch(r"vllm speedup [\d.]+x", last_line(run_bench("engines.py", "--tiny", timeout=900)))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_with_vllm_as_the_evaluation_engine_reports_what_the_hf_engine_reports(tmp_path, vllm_python):
+    """`--set eval.engine=vllm`: checkpoint selection and both generate stages answer through vLLM servers (one
+    per checkpoint folder and per model), and the run ends with the same table as with transformers."""
+    from flows.finetune import comparison_rows, run_in_process
+
+    shape = ["model.tiny.hidden_size=128", "model.tiny.intermediate_size=256", "model.tiny.vocab_size=1024",
+             "model.tiny.num_attention_heads=4", "model.tiny.num_key_value_heads=2",  # head size 32: vLLM's CPU has it
+             "data.max_length=256", "train.max_steps=8", "train.eval_steps=4", "train.save_steps=4",
+             "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "eval.max_new_tokens=8",
+             "eval.harness=false", "registry.enabled=false", "train.metric_for_best_model=gen_score"]
+    runs = {}
+    for engine in ("hf", "vllm"):
+        runs[engine] = run_in_process("demo", [*shape, f"workdir={tmp_path / engine}", f"eval.engine={engine}",
+                                               f"eval.vllm={vllm_python}"])
+    hf, vl = runs["hf"], runs["vllm"]
+    assert [r[0] for r in comparison_rows(vl["metrics"])] == [r[0] for r in comparison_rows(hf["metrics"])]
+    assert vl["metrics"]["gen/num_samples"] == hf["metrics"]["gen/num_samples"] == 13
+    import json
+    from pathlib import Path
+
+    def selection_scores(summary) -> dict[int, float]:
+        folder = next(Path(r["folder"]) for r in summary["stages"] if r["stage"] == "train")
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["selection/gen_score"] for r in lines if "selection/gen_score" in r}
+
+    assert sorted(selection_scores(vl)) == [4, 8], "selection generated through vLLM at every save"
+    assert selection_scores(vl) == selection_scores(hf), "greedy on the same weights: the same selection"
+    for name in ("gen/format_ok_rate", "gen/stop_rate", "base/gen/format_ok_rate", "base/gen/stop_rate"):
+        assert vl["metrics"][name] == hf["metrics"][name], name
