@@ -107,7 +107,7 @@ def test_sample_aliases_load_the_same_file():
     a, b = load_rows("sample"), load_rows("bundled://sample")
     assert a.location == b.location == str(BUNDLED_SAMPLE)
     assert a.extra_columns == ["instruction", "metrics"]
-    assert a.row_numbers == list(range(1, 127))
+    assert a.row_numbers == list(range(1, 261))
     assert dataset_digest(a.rows) == dataset_digest(b.rows)
 
 
