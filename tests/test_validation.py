@@ -225,3 +225,23 @@ def test_near_duplicate_questions_are_a_warning_with_their_rows(sample):
     assert result.warnings == ["rows 3, 10: column 'question' is nearly the same text (ignoring spaces, punctuation "
                                "and case)"]
     assert result.report["warnings"] == result.warnings
+
+
+def test_invisible_means_default_ignorable_and_ordinary_invisible_characters_pass(sample):
+    """The rule of `sft_core.validation`: blank and think-tag checks look through every Default_Ignorable_Code_Point
+    (Unicode's property, from the `regex` package's tables, not a hand-made list); hidden text is refused; one
+    joiner, selector or soft hyphen inside real text is ordinary text."""
+    import re
+
+    import regex
+
+    from sft_core.validation import default_ignorable
+
+    ignorable = re.compile(f"[{default_ignorable()}]")
+    for code in range(0x110000):
+        assert bool(ignorable.match(chr(code))) == bool(regex.match(r"\p{Default_Ignorable_Code_Point}", chr(code)))
+    rows = [dict(r) for r in sample.rows[:12]]
+    rows[0]["answer"] += " 👨\u200d👩\u200d👧 ❤\ufe0f"  # an emoji ZWJ sequence, one variation selector
+    rows[1]["think"] += " می\u200cخواهم"  # a ZWNJ inside a Persian word
+    rows[2]["question"] += " Ge\u00adsund\u00adheit 葛\U000e0100"  # soft hyphens; one ideographic variation selector
+    assert validate_rows(rows, source_name="x", data_docs=False).success
