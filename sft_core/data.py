@@ -355,6 +355,9 @@ def _parse_json(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]
 
 
 def _parse_csv(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """CSV as spreadsheets write it: a UTF-8 BOM is dropped (by `_decode`), rows may end in CRLF, and a CRLF inside a
+    quoted field is a line break (Excel and Sheets write one there), so it becomes "\\n"; a lone CR stays text, and
+    validation refuses it as a control character."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[dict[str, Any]] = []
     numbers: list[int] = []
@@ -375,7 +378,7 @@ def _parse_csv(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
                 raise DataFormatError(
                     f"{path}: line {line}: expected {len(header)} fields (as in the header), got {len(record)}"
                 )
-            rows.append(dict(zip(header, record)))
+            rows.append({name: value.replace("\r\n", "\n") for name, value in zip(header, record)})
             numbers.append(line)
     except csv.Error as exc:
         raise DataFormatError(f"{path}: line {reader.line_num}: bad CSV: {exc}") from exc
