@@ -332,15 +332,17 @@ def test_a_pinned_hub_revision_parses():
 # --- 6. no retry of what cannot heal -----------------------------------------------------------------
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_an_unreadable_file_in_the_flow_is_not_retried(tmp_path):
+@pytest.mark.parametrize("name, says", [("malformed_line.jsonl", "line 3: malformed JSON"),
+                                        ("binary_column.parquet", "column 'answer' has the Parquet type binary")])
+def test_an_unreadable_file_in_the_flow_is_not_retried(tmp_path, name, says):
     """Retries are for the network: a file that cannot be read fails at once, one attempt (it was retried after
-    10 s and 60 s: ~70 s and three tracebacks)."""
+    10 s and 60 s: ~70 s and three tracebacks; a binary Parquet column was a TypeError, retried the same way)."""
     from flows.finetune import finetune
     from sft_core.errors import DataFormatError
 
-    bad = REPO / "tests" / "data" / "bad" / "malformed_line.jsonl"
+    bad = REPO / "tests" / "data" / "bad" / name
     started = time.perf_counter()
-    with pytest.raises(DataFormatError, match="line 3: malformed JSON"):
+    with pytest.raises(DataFormatError, match=says):
         finetune(config="demo", overrides=[*FAST, f"workdir={tmp_path / 'w'}", f"data.source={bad}"])
     assert time.perf_counter() - started < 9, "an unreadable file was retried"
 

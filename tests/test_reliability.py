@@ -388,3 +388,23 @@ def test_an_unreadable_file_fails_in_seconds_before_prefect_starts(tmp_path: Pat
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "a stage ran"
     assert not home.exists() or not any(home.rglob("*.db")), "Prefect's server started before the file was read"
     assert elapsed < 30
+
+
+def test_a_fifo_as_data_source_is_refused_at_once_by_validate_and_run(tmp_path: Path):
+    """A named pipe is not a file: reading it blocked `validate` until killed, and `run` called it "no such file".
+    Both now refuse it before opening it, with the same line and exit 3."""
+    import subprocess
+
+    from tests.servers import BIN, child_env
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    lines = []
+    for args in (["validate", str(fifo), "--out", str(tmp_path / "out")], ["run", "--set", f"data.source={fifo}"]):
+        done = subprocess.run([str(BIN / "qwen-sft"), *args, "-c", "demo", "--set", f"workdir={tmp_path / 'work'}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 3, done.stderr[-2000:]
+        lines.append(done.stderr.strip().splitlines()[-1])
+    assert lines[0] == lines[1] == f"error: {fifo}: is a named pipe (FIFO), not a file; data.source must name a " \
+                                   ".jsonl, .ndjson, .json, .parquet, .csv file", lines
