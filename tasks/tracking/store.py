@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig, redact_uri
-from sft_core.errors import TrackingError
+from sft_core.config import PipelineConfig, credentials_problem, redact_uri
+from sft_core.errors import ConfigError, TrackingError
 from sft_core.process import user_environment
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,12 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     """The one place the store is decided: `tracking.uri` (a preset or `--set`), else `MLFLOW_TRACKING_URI` as the
     user set it where the flow runs (a worker's; not the value `mlflow.set_tracking_uri` writes back into the
     environment), else the embedded SQLite store in the workdir."""
-    return (cfg.tracking.uri or user_environment("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}")
+    uri = (cfg.tracking.uri or user_environment("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}")
+    problem = credentials_problem(uri)
+    if problem:  # a URL parser would send part of the password as the host, path or fragment (and print it)
+        raise ConfigError(f"{'tracking.uri' if cfg.tracking.uri else 'MLFLOW_TRACKING_URI'} {problem}")
+    return uri
 
 
 def artifact_root(cfg: PipelineConfig) -> str | None:
