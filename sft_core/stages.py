@@ -360,11 +360,12 @@ def split_key(cfg: PipelineConfig, valid: Validated) -> dict:
 
 def split_body(cfg: PipelineConfig, folder: Path, valid: Validated) -> dict:
     from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.split import split_rows
+    from sft_core.split import check_split, split_rows
 
     d = cfg.data
     train, val = split_rows(read_jsonl(valid.valid), method=d.split_method, train_fraction=d.train_fraction,
                             seed=d.split_seed)
+    check_split(train, val, method=d.split_method, train_fraction=d.train_fraction)
     write_jsonl(train, folder / "train.jsonl")
     write_jsonl(val, folder / "val.jsonl")
     return {"train": str(folder / "train.jsonl"), "val": str(folder / "val.jsonl"), "train_rows": len(train),
