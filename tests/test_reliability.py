@@ -103,6 +103,22 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path: Path):
     assert not (tmp_path / "ingest").exists()
 
 
+def test_a_file_tracking_store_fails_in_seconds_with_one_line(tmp_path: Path, monkeypatch):
+    """MLflow 3 refuses its file store: the run failed after ~59 s with a 200-line traceback from inside the flow."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    started = time.perf_counter()
+    result = runner.invoke(app, ["run", "--config", "demo", "--set", f"workdir={tmp_path}",
+                                 "--set", f"tracking.uri=file://{tmp_path / 'mlruns'}"])
+    elapsed = time.perf_counter() - started
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: tracking.uri=file://{tmp_path / 'mlruns'} is an MLflow file store, which MLflow 3 refuses "
+        "(maintenance mode): use a database file, e.g. sqlite:////absolute/path/mlflow.db, or unset it for the "
+        "embedded store in the workdir (MLFLOW_ALLOW_FILE_STORE=true forces the file store)"]
+    assert elapsed < 15, elapsed
+    assert not (tmp_path / "ingest").exists()
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
     from mlflow import MlflowClient
