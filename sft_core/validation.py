@@ -272,6 +272,9 @@ def _run_gx(
     ctx.add_data_docs_site(DOCS_SITE, {
         "class_name": "SiteBuilder",
         "show_how_to_buttons": False,
+        # the rows' text is escaped before GX writes it into the page (stored XSS otherwise: sft_core.data_docs)
+        "site_section_builders": {"validations": {"renderer": {"module_name": "sft_core.data_docs",
+                                                               "class_name": "EscapedValidationResultsPageRenderer"}}},
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     })
