@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from sft_core.checkpoints import check_registrable
 from sft_core.config import PipelineConfig, load_config, overrides_between, redact_uri, split_secrets
 from sft_core.preflight import preflight
 from sft_core.process import configure_process
@@ -113,6 +114,7 @@ def finetune(config: ConfigRef, overrides: list[Override] | None = None, refresh
         track.track_evaluation(cfg, run_id, trained, metrics, generated, base_gen)
         registered = None
         if cfg.registry.enabled and cfg.tracking.log_model:
+            check_registrable(trained.final_model_dir, metrics)  # NaN eval loss or weights: never a candidate
             facts = track.card_facts(cfg, raw, splits, trained, metrics, generated)
             registered = stage.timed("register", track.register, cfg, run_id, trained, metrics, new_tokens, facts)
         if cfg.eval.harness:

@@ -61,7 +61,7 @@ def _one_of_each(c, registry: str) -> str:
 # --- 1. a damaged checkpoint -------------------------------------------------------------------
 
 def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
-    from sft_core.train import checkpoint_problem, last_checkpoint
+    from sft_core.checkpoints import checkpoint_problem, last_checkpoint, write_manifest
 
     out = tmp_path / "train"
     for step in (4, 8):
@@ -70,6 +70,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
         (ckpt / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+        write_manifest(ckpt)
     newest = out / "checkpoint-8" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:-7])  # a crash while saving, or a bad disk
     assert "truncated" in checkpoint_problem(out / "checkpoint-8")
@@ -79,6 +80,139 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
     assert "damaged" in warnings[0] and "checkpoint-8" in warnings[0]
     (out / "checkpoint-4" / "trainer_state.json").write_text("{")  # a 0-byte or cut state file
     assert last_checkpoint(out, warn=warnings.append) is None, "nothing whole: training starts over"
+
+
+@pytest.fixture(scope="module")
+def stopped_training(tmp_path_factory, tiny_model_dir):
+    """A training of 6 steps stopped after checkpoint-4 (checkpoints 2 and 4 on disk, each with its manifest)."""
+    from transformers import TrainerCallback
+
+    from sft_core.train import run_training
+    from tests.test_train import _cfg, _datasets, _short_rows
+
+    root = tmp_path_factory.mktemp("stopped")
+    data = _datasets(tiny_model_dir, _short_rows(8), root / "ds")
+    cfg = _cfg(per_device_train_batch_size=2, max_steps=6, save_steps=2, save_total_limit=5, learning_rate=1e-3)
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise KeyboardInterrupt  # as a kill would: the run stops after checkpoint-4
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=root / "train",
+                     extra_callbacks=[Stop()])
+    assert sorted(p.name for p in (root / "train").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return cfg, data, root / "train"
+
+
+def _overwrite_in_place(path: Path) -> None:
+    """Bytes of the tensor data changed, the size unchanged (a bad disk, a stray write): it reads as NaN."""
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: (c / "scheduler.pt").write_bytes((c / "scheduler.pt").read_bytes()[:300]), "scheduler.pt"),
+    (lambda c: (c / "rng_state.pth").write_bytes((c / "rng_state.pth").read_bytes()[:-200]), "rng_state.pth"),
+    (lambda c: _overwrite_in_place(c / "model.safetensors"), "model.safetensors: its"),
+    (lambda c: (c / "checksums.sha256").unlink(), "no checksums.sha256"),
+], ids=["truncated-scheduler", "truncated-rng-state", "weights-overwritten-in-place", "save-cut-before-manifest"])
+def test_any_damaged_file_of_the_newest_checkpoint_is_caught_and_training_resumes_before_it(
+        stopped_training, tiny_model_dir, tmp_path, damage, named):
+    """A truncated scheduler.pt or rng_state.pth failed every re-run with a traceback; weights overwritten in place
+    (same size) resumed silently into NaN. Every file is in the checksum manifest written at save: the damaged
+    checkpoint is set aside with its file named, and training resumes from the one before it."""
+    from sft_core.train import run_training
+
+    cfg, data, trained = stopped_training
+    out = tmp_path / "train"
+    shutil.copytree(trained, out)
+    damage(out / "checkpoint-4")
+    said: list[str] = []
+    result = run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=out,
+                          progress=said.append)
+    assert result.resumed_from == str(out / "checkpoint-2") and result.global_step == 6
+    warning = next(line for line in said if line.startswith("warning:"))
+    assert f"{out / 'checkpoint-4'} is damaged ({named}" in warning, warning
+    assert (out / "damaged-checkpoint-4").is_dir()
+    assert "resuming from checkpoint-2: the steps after 2 are trained again" in said
+
+
+def test_a_model_with_a_nan_eval_loss_or_nan_weights_is_never_registered(tiny_model_dir, tmp_path):
+    """The flow calls this before registering: a NaN model was registered @candidate."""
+    from safetensors.torch import load_file, save_file
+
+    from sft_core.checkpoints import check_registrable
+    from sft_core.errors import NonFiniteError
+
+    check_registrable(tiny_model_dir, {"eval/loss": 7.4})  # a model that computes numbers passes
+    with pytest.raises(NonFiniteError, match=r"^not registered: the fine-tuned model's eval/loss is nan"):
+        check_registrable(tiny_model_dir, {"eval/loss": float("nan")})
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=rf"^not registered: 1 weight tensors of .* hold NaN or infinity \({name}\)"):
+        check_registrable(broken, {"eval/loss": 7.4})
+
+
+def test_mlflow_gets_a_step_once_a_checkpoint_holds_it_so_a_resumed_run_never_keeps_the_killed_runs_values(tmp_path):
+    """MLflow keeps the first value of a step and cannot delete one: the killed run's values after its last checkpoint
+    stayed at the steps the resumed run trained again. Now only steps a whole checkpoint holds are sent while training
+    runs, a stopped training's later steps are dropped, and the resumed run's values are the ones kept."""
+    from sft_core.checkpoints import write_manifest
+    from tasks import tracking
+    from tasks.tracking import BufferedMetricLogger
+
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    c = tracking.client(cfg)
+    run_id = c.create_run(tracking.ensure_experiment(cfg)).info.run_id
+    folder = tmp_path / "train"
+
+    def history() -> dict[int, float]:
+        return {m.step: m.value for m in c.get_metric_history(run_id, "train/loss")}
+
+    killed = BufferedMetricLogger(cfg, run_id, flush_every=0.2, folder=folder)
+    for step in range(1, 7):
+        killed.log(step, {"train/loss": 100.0 + step})
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    write_manifest(folder / "checkpoint-4")
+    deadline = time.monotonic() + 30
+    while len(history()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert killed.close(finished=False) == 0
+    assert history() == {1: 101.0, 2: 102.0, 3: 103.0, 4: 104.0}, "steps 5 and 6 waited for a checkpoint"
+    resumed = BufferedMetricLogger(cfg, run_id, flush_every=0.2, folder=folder)
+    for step in range(5, 9):
+        resumed.log(step, {"train/loss": 200.0 + step})
+    assert resumed.close() == 0
+    assert history() == {1: 101.0, 2: 102.0, 3: 103.0, 4: 104.0, 5: 205.0, 6: 206.0, 7: 207.0, 8: 208.0}
+
+
+@pytest.mark.slow
+def test_a_base_model_with_nan_weights_stops_at_the_first_step_and_registers_nothing(tmp_path, tiny_model_dir):
+    """The user's view: one line naming the step and what to do, exit 5, the MLflow run FAILED, no version."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights[next(k for k in weights if k.endswith("mlp.down_proj.weight"))].view(-1)[0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    overrides = [*FAST, f"workdir={tmp_path / 'work'}", f"model.source={broken}", "train.max_steps=6"]
+    done = _cli(["run", "-c", "demo", *_sets(overrides)], tmp_path)
+    assert done.returncode == 5, done.stdout[-2000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training loss is nan at step 1 in ") and "--refresh" in last, last
+    assert "Traceback" not in done.stderr
+    c = _mlflow(tmp_path)
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"] and not c.search_registered_models()
 
 
 @pytest.mark.slow

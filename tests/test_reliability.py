@@ -187,6 +187,14 @@ def test_kill_9_during_training_then_rerun_resumes_the_same_run(tmp_path: Path):
     steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss"))
     assert steps == list(range(1, 41)), "every step once: the steps trained again after the checkpoint are not doubled"
     assert len(c.search_model_versions("name = 'reliability-model'")) == 1
+    assert f"resuming from {Path(done['resumed_from']).name}" in result.stdout + result.stderr
+    # what MLflow keeps at every step is the resumed run's value, as in metrics.jsonl (never the killed run's)
+    from sft_core.train import read_metrics
+
+    for key in ("train/loss", "train/tokens_per_second"):
+        written = {r["step"]: r[key] for r in read_metrics(train_dir / "metrics.jsonl") if key in r}
+        kept = {m.step: m.value for m in c.get_metric_history(runs[0].info.run_id, key)}
+        assert kept == pytest.approx(written), key
 
 
 def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
