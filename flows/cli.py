@@ -385,15 +385,18 @@ def gc(
 
     Never what a registered version came from, nor a folder a running stage holds.
     """
-    from sft_core.workspace import gc as do_gc
+    from sft_core.workspace import gc as do_gc, require_workdir
     from tasks.tracking import registered_folders
 
     cfg = _config(config, set_)
+    require_workdir(cfg.workdir_path)  # before the registry is asked (it would create a store there)
     result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run, partial=partial)
     verb = "would delete" if dry_run else "deleted"
     for path in result["deleted"]:
         console.print(f"{verb} {path}  [dim]({result['reasons'].get(path, 'damaged checkpoint')})[/]", highlight=False)
     console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
+    if result["foreign"]:
+        console.print(f"left {len(result['foreign'])} folders that qwen-sft did not write (no .qwen-sft-owned marker)")
 
 
 # --- team set-up: scheduled retraining and serving ------------------------------------------------

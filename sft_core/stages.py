@@ -35,6 +35,7 @@ from sft_core.disk import check_space, free_space, is_disk_full, training_space
 from sft_core.errors import StorageError
 
 DONE = "_DONE.json"
+OWNED = ".qwen-sft-owned"  # written into every folder a stage creates: `qwen-sft gc` deletes nothing else
 
 
 # --- typed results: what a stage hands to the next, and what its _DONE.json holds ---------------------------
@@ -240,6 +241,7 @@ def run_in_folder(folder: Path, body: Callable[[Path], Result], result: type[Res
         started = time.perf_counter()
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / OWNED).write_text("written by qwen-sft: `qwen-sft gc` may delete this folder\n", encoding="utf-8")
             out = body(folder)
             out.seconds = round(time.perf_counter() - started, 3)
             return write_done(folder, out)

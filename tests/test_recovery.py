@@ -362,7 +362,7 @@ def test_training_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_di
 
 
 def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(tmp_path):
-    from sft_core.stages import Evaluated, write_done
+    from sft_core.stages import OWNED, Evaluated, write_done
     from sft_core.workspace import gc
 
     finished = tmp_path / "train" / "done"
@@ -379,6 +379,8 @@ def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(
     (orphan / "valid.jsonl").write_bytes(b"0" * 3000)
     partial_download = tmp_path / "downloads" / "m-v1.partial"
     partial_download.mkdir(parents=True)
+    for folder in (finished, crashed, orphan, partial_download):  # as the project marks the folders it writes
+        (folder / OWNED).touch()
 
     result = gc(tmp_path, keep=1, protected={finished})  # `gc --keep 1` freed nothing before
     assert not (finished / "checkpoint-4").exists() and (finished / "final" / "model.safetensors").exists()

@@ -300,7 +300,7 @@ def test_different_configs_get_different_folders():
 # --- 5. gc ----------------------------------------------------------------------------------
 
 def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
-    from sft_core.stages import Evaluated, write_done
+    from sft_core.stages import OWNED, Evaluated, write_done
     from sft_core.workspace import gc
     from tasks import tracking
 
@@ -309,12 +309,14 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     for i in range(4):
         f = tmp_path / "train" / f"key{i}"
         f.mkdir(parents=True)
+        (f / OWNED).touch()  # as run_in_folder marks every stage folder
         (f / "weights.bin").write_bytes(b"0" * 1000)
         write_done(f, Evaluated(key=f"key{i}", folder=str(f), metrics={"i": i}))
         os.utime(f / "_DONE.json", (1000 + i, 1000 + i))
         folders.append(f)
     unfinished = tmp_path / "train" / "crashed"
     (unfinished / "checkpoint-5").mkdir(parents=True)
+    (unfinished / OWNED).touch()
     # the oldest folder is where a registered version came from
     c = tracking.client(cfg)
     run = c.create_run(tracking.ensure_experiment(cfg), tags={"qwen_sft.logged.train": f"{folders[0]}:123"})
@@ -327,6 +329,38 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     assert folders[3].exists() and not folders[1].exists() and not folders[2].exists()
     assert unfinished.exists(), "an unfinished (resumable) folder was deleted"
     assert result["bytes"] >= 2000
+
+
+def test_gc_deletes_only_what_qwen_sft_wrote_and_refuses_a_folder_that_is_no_workdir(tmp_path: Path):
+    """`gc --keep 1 --set workdir=~` deleted the user's own ~/model/..., ~/ingest/..., ~/split/... as "left by a run
+    that stopped". gc deletes only folders carrying the marker run_in_folder writes, and refuses a workdir with
+    none (exit 2: nothing deleted, no MLflow store created there)."""
+    from sft_core.stages import Evaluated, run_in_folder
+
+    home = tmp_path / "home"
+    mine = [home / "model" / "mine", home / "ingest" / "photos", home / "split" / "taxes", home / "downloads" / "x.partial"]
+    for folder in mine:
+        folder.mkdir(parents=True)
+        (folder / "precious.txt").write_text("the user's")
+    refused = runner.invoke(app, ["gc", "--keep", "1", "-c", "demo", "--set", f"workdir={home}"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.output.strip().splitlines()[-1] == (
+        f"error: {home} is not a qwen-sft workdir: none of its folders carries the .qwen-sft-owned marker that "
+        "qwen-sft writes into each folder it creates, so gc deletes nothing there (check workdir, or --set "
+        "workdir=...)")
+    assert all((f / "precious.txt").exists() for f in mine) and not (home / "mlflow.db").exists()
+
+    made = []
+    for i in range(2):  # two finished split folders written by the project: gc --keep 1 deletes the older
+        folder = home / "split" / f"key{i}"
+        run_in_folder(folder, lambda f, i=i: Evaluated(key=f"key{i}", folder=str(f), metrics={}), Evaluated)
+        os.utime(folder / "_DONE.json", (1000 + i, 1000 + i))
+        made.append(folder)
+    done = runner.invoke(app, ["gc", "--keep", "1", "-c", "demo", "--set", f"workdir={home}"])
+    assert done.exit_code == 0, done.output
+    assert not made[0].exists() and made[1].exists()
+    assert all((f / "precious.txt").exists() for f in mine), "only what qwen-sft wrote goes"
+    assert "left 3 folders that qwen-sft did not write" in done.output
 
 
 def test_checkpoints_rotate_and_the_selected_one_survives(tmp_path: Path, tiny_model_dir: Path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sft_core.config import PipelineConfig, redact_uri
 from sft_core.errors import PromotionError, TrackingError
+from sft_core.stages import OWNED
 from tasks.tracking.store import client, tracking_uri
 
 ALIASES = ("candidate", "production", "previous")
@@ -258,6 +259,7 @@ def download_model(uri: str, cfg: PipelineConfig) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(dest, ignore_errors=True)
             partial.mkdir()
+            (partial / OWNED).touch()  # `qwen-sft gc` may delete it if the download never completes
             try:
                 mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
             except Exception as exc:
