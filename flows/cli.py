@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from sft_core.config import PipelineConfig, load_config, redact_uri
+from sft_core.config import PipelineConfig, is_config_path, load_config, redact_uri
 from sft_core.errors import SftError
 from sft_core.model_card import fmt
 
@@ -288,8 +288,8 @@ def run(
     from flows.finetune import run_in_process
 
     preset = config or DEFAULT_PRESET
-    if Path(preset).is_file():  # a file of the user's: the flow reads the same file
-        preset = str(Path(preset).resolve())
+    if is_config_path(preset):  # a file of the user's: the flow reads the same file
+        preset = str(Path(preset).expanduser().resolve())
     summary = run_in_process(preset, list(set_ or []), refresh=refresh)
     table = Table(title="finetune")
     table.add_column("stage")

@@ -438,15 +438,27 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def is_config_path(text: str) -> bool:
+    """Whether `--config` names a file (a slash in it, or a `.yaml` / `.yml` name) rather than a shipped preset."""
+    return "/" in text or "\\" in text or text.endswith((".yaml", ".yml"))
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """A preset name (`demo`) or a file path."""
-    p = Path(path)
-    if p.exists():
-        return p
-    candidate = presets() / f"{Path(path).name.removesuffix('.yaml')}.yaml"
-    if candidate.exists():  # a preset name, or a repository path such as configs/demo.yaml from anywhere
+    """`--config`: a bare name (`demo`) is a shipped preset; anything else (a slash in it, or a name ending in
+    `.yaml` / `.yml`) is a file path, read as written from the current folder, and must exist: a typo in a path
+    never falls back to the preset of the same name."""
+    text = str(path)
+    shown = ", ".join(list_presets())
+    if is_config_path(text):
+        p = Path(text).expanduser()
+        if p.is_file():
+            return p
+        what = "is a folder, not a YAML file" if p.is_dir() else "not found"
+        raise ConfigError(f"config file '{text}' {what} (from {Path.cwd()}; a bare name is a shipped preset: {shown})")
+    candidate = presets() / f"{text}.yaml"
+    if candidate.is_file():
         return candidate
-    raise ConfigError(f"config file '{path}' not found (presets: {', '.join(list_presets())})")
+    raise ConfigError(f"no preset named '{text}' (presets: {shown}; or give the path of a YAML file)")
 
 
 def list_presets() -> list[str]:
