@@ -331,8 +331,11 @@ def promote(
 ) -> None:
     """Move @production to the candidate if it passes the metric gate; the old one becomes @previous."""
     from flows.promote import promote_gate
+    from tasks.tracking import check_reachable
 
-    result = promote_gate(_config(config, set_), version=version, alias=alias, force=force, reason=reason)
+    cfg = _config(config, set_)
+    check_reachable(cfg)  # a down server or a wrong password says so (exit 6), not "has no alias @candidate"
+    result = promote_gate(cfg, version=version, alias=alias, force=force, reason=reason)
     for ch in result["checks"]:
         mark = "[green]pass[/]" if ch["passed"] else "[red]FAIL[/]"
         console.print(f"{mark} {ch['metric']}: candidate {fmt(ch['candidate'])} vs {ch['against']} {fmt(ch['reference'])} "
@@ -344,9 +347,11 @@ def promote(
 @guarded
 def rollback(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Point @production back at @previous."""
-    from tasks.tracking import rollback as do_rollback
+    from tasks.tracking import check_reachable, rollback as do_rollback
 
-    result = do_rollback(_config(config, set_))
+    cfg = _config(config, set_)
+    check_reachable(cfg)  # as `run` and `promote`: exit 6 when the server is down or refuses the credentials
+    result = do_rollback(cfg)
     console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
 
 

@@ -436,6 +436,11 @@ def test_a_tracking_uri_with_credentials_works_and_its_password_never_shows(tmp_
         refused = _cli(["run", "-c", "demo", *_sets([*overrides[:-2], f"tracking.uri={wrong}"])], tmp_path, env=env)
         assert refused.returncode == 6 and "refused the credentials" in refused.stderr
         assert "wrong-password" not in refused.stderr and f"{srv.username}:***@" in refused.stderr
+        for command in ("promote", "rollback"):  # they said "has no alias @candidate" (exit 7)
+            refused = _cli([command, "-c", "demo", "--set", f"tracking.uri={wrong}", "--set", "registry.name=auth-model"],
+                           tmp_path, env=env, timeout=120)
+            assert refused.returncode == 6 and "refused the credentials" in refused.stderr, refused.stderr[-2000:]
+            assert "wrong-password" not in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_messages_redact_every_uri_password():

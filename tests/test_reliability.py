@@ -103,6 +103,19 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path: Path):
     assert not (tmp_path / "ingest").exists()
 
 
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_promote_and_rollback_check_the_tracking_server_as_run_does(command: str, tmp_path: Path):
+    """A down server made `promote` say "has no alias @candidate" (exit 7) after MLflow's retries: it gets `run`'s
+    reachability and credential check first (exit 6, in seconds)."""
+    port = free_port()
+    started = time.perf_counter()
+    result = runner.invoke(app, [command, "--config", "demo", "--set", f"workdir={tmp_path}",
+                                 "--set", f"tracking.uri=http://127.0.0.1:{port}"])
+    assert result.exit_code == 6, result.output
+    assert _error_line(result).startswith(f"error: MLflow tracking server http://127.0.0.1:{port} is unreachable")
+    assert time.perf_counter() - started < 15
+
+
 def test_a_file_tracking_store_fails_in_seconds_with_one_line(tmp_path: Path, monkeypatch):
     """MLflow 3 refuses its file store: the run failed after ~59 s with a 200-line traceback from inside the flow."""
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
