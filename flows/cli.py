@@ -286,7 +286,9 @@ def run(
     check_readable(cfg)
     check_reachable(cfg)
     from flows.finetune import run_in_process
+    from sft_core.process import exit_promptly_on_sigterm
 
+    exit_promptly_on_sigterm(cleanup=_stop_temporary_prefect_server)  # a scheduler's SIGTERM: out in seconds
     preset = config or DEFAULT_PRESET
     if is_config_path(preset):  # a file of the user's: the flow reads the same file
         preset = str(Path(preset).expanduser().resolve())
@@ -317,6 +319,16 @@ def run(
     console.print(summary["run_url"], soft_wrap=True, highlight=False)  # one line, never wrapped: it is copied
     if summary["needs_local_ui"]:
         console.print("[dim](the embedded store's UI: start it with `qwen-sft ui`)[/]")
+
+
+def _stop_temporary_prefect_server() -> None:
+    """Stop the temporary Prefect server this process started (none when a server is configured)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    if server is not None and server.server_process is not None:
+        server.server_process.kill()
+        server.server_process.wait(timeout=5)  # reaped: no zombie left behind
 
 
 @app.command()
