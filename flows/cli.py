@@ -15,8 +15,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from sft_core.config import PipelineConfig, is_config_path, load_config, redact_uri
 from sft_core.errors import SftError
@@ -54,7 +56,7 @@ def _fail(exc: BaseException) -> None:
     code = exc.exit_code if isinstance(exc, SftError) else 1
     message = " ".join(str(exc).split("\n")) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
     message = redact_uri(message)  # no password of a URI reaches the terminal
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # text in [ ] is kept
     raise typer.Exit(code)
 
 
@@ -93,17 +95,17 @@ def validate(
     raw = stages.STAGES["ingest"].run_into(cfg, out / "ingest", refresh=True)
     model = _model_for_validation(cfg)
     res = stages.STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw, model=model)
-    table = Table(title=f"validation of {raw.location}")
+    table = Table(title=Text(f"validation of {raw.location}"))
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_row("rows", str(raw.rows))
     for k in ("good_rows", "bad_rows", "digest", "report", "docs", "quarantine"):
-        table.add_row(k, str(getattr(res, k)))
+        table.add_row(k, Text(str(getattr(res, k))))
     console.print(table)
     if res.bad_rows:
-        console.print(f"[yellow]{res.bad_rows} rows quarantined[/] -> {res.quarantine}")
+        console.print(f"[yellow]{res.bad_rows} rows quarantined[/] -> {escape(str(res.quarantine))}")
     for warning in res.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def _model_for_validation(cfg: PipelineConfig):
@@ -118,7 +120,7 @@ def _model_for_validation(cfg: PipelineConfig):
         return stages.BaseModel(key=None, folder=str(folder), model_dir=str(folder))
     if parse_model_source(cfg.model.source, revision=cfg.model.revision).kind == "tiny":
         return stages.STAGES["base-model"].run(cfg)
-    err.print(f"[yellow]note:[/] {cfg.model.source} is not fetched yet: checked for the Qwen chat tokens only "
+    err.print(f"[yellow]note:[/] {escape(cfg.model.source)} is not fetched yet: checked for the Qwen chat tokens only "
               "(a run checks all of its tokenizer's control tokens)", highlight=False)
     return None
 
@@ -135,7 +137,7 @@ def prepare(
     from sft_core.stages import prepare_data
 
     cfg = _config(config, set_)
-    result = prepare_data(cfg, refresh=refresh, log=console.print)
+    result = prepare_data(cfg, refresh=refresh, log=lambda line: console.print(line, markup=False))
     raw, valid, splits, tokens = result["ingest"], result["validate"], result["split"], result["tokenize"]
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(splits.train, out / "train.jsonl")
@@ -152,7 +154,7 @@ def prepare(
         "config_hash": cfg.config_hash(),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-    table = Table(title=f"prepared -> {out}")
+    table = Table(title=Text(f"prepared -> {out}"))
     table.add_column("split")
     table.add_column("rows", justify="right")
     table.add_column("p50 / p95 / max tokens", justify="right")
@@ -180,7 +182,8 @@ def make_tiny_model(
     cfg = _config(config, set_)
     path = build_tiny_model(out, cfg.model.tiny)
     info = json.loads((path / "TINY_MODEL.json").read_text())
-    console.print(f"tiny Qwen2 ({info['hidden_size']}x{info['num_hidden_layers']}, tokenizer {info['tokenizer']}) -> {path}")
+    console.print(f"tiny Qwen2 ({info['hidden_size']}x{info['num_hidden_layers']}, tokenizer {info['tokenizer']}) -> {path}",
+                  markup=False)
 
 
 @app.command()
@@ -207,10 +210,12 @@ def predict(
                            batch_size=1, do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
                            top_p=cfg.eval.top_p, repetition_penalty=cfg.eval.repetition_penalty)[0]
     if gen.format_ok:
-        console.print(Panel(gen.think or "[dim](no reasoning)[/]", title="think", border_style="cyan"))
-        console.print(Panel(gen.answer, title="answer", border_style="green"))
+        console.print(Panel(Text(gen.think) if gen.think else Text("(no reasoning)", style="dim"), title="think",
+                            border_style="cyan"))  # the model's text as text: "[1]" stays
+        console.print(Panel(Text(gen.answer), title="answer", border_style="green"))
     else:  # show what the model said rather than empty think/answer boxes
-        console.print(Panel(gen.text or "[dim](empty)[/]", title="output (not one think block + answer)",
+        console.print(Panel(Text(gen.text) if gen.text else Text("(empty)", style="dim"),
+                            title="output (not one think block + answer)",
                             border_style="yellow"))
     if not gen.stopped:
         err.print(f"[yellow]note:[/] stopped at max_new_tokens={budget}")
@@ -246,14 +251,14 @@ def harness(
     prepared = stages.prepare_data(cfg, log=lambda _msg: None)
     budget = stages.generation_budget(cfg, prepared["tokenize"])
     if budget.warning:
-        err.print(f"[yellow]warning:[/] {budget.warning}")
+        err.print(f"[yellow]warning:[/] {escape(budget.warning)}")
     splits = prepared["split"]
     out = cfg.workdir_path / "harness-cli" / stable_hash({"model": str(model_dir), "val": splits.val_digest,
                                                           "new": budget.max_new_tokens})
     model_ref = stages.BaseModel(key=None, folder=str(model_dir), model_dir=str(model_dir))
     result = stages.STAGES["harness"].run_into(cfg, out, refresh=True, model=model_ref, splits=splits,
                                                max_new_tokens=budget.max_new_tokens)
-    table = Table(title=f"lm-evaluation-harness: {uri}")
+    table = Table(title=Text(f"lm-evaluation-harness: {uri}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result.metrics.items():
@@ -314,9 +319,9 @@ def run(
     if summary["registered"]:
         from flows.finetune import registration_line
 
-        console.print(registration_line(summary["registered"]).replace("`", ""))
+        console.print(registration_line(summary["registered"]).replace("`", ""), markup=False)
     console.print(f"MLflow run {summary['run_id']}:")
-    console.print(summary["run_url"], soft_wrap=True, highlight=False)  # one line, never wrapped: it is copied
+    console.print(summary["run_url"], soft_wrap=True, highlight=False, markup=False)  # one line, never wrapped: it is copied
     if summary["needs_local_ui"]:
         console.print("[dim](the embedded store's UI: start it with `qwen-sft ui`)[/]")
 
@@ -364,7 +369,8 @@ def rollback(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
     cfg = _config(config, set_)
     check_reachable(cfg)  # as `run` and `promote`: exit 6 when the server is down or refuses the credentials
     result = do_rollback(cfg)
-    console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})")
+    console.print(f"@production -> {result['name']} v{result['production']}  (@previous: {result['previous']})",
+                  markup=False)
 
 
 @app.command()
@@ -381,10 +387,10 @@ def ui(
     cfg = _config(config, set_)
     uri = tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
-        console.print(f"the tracking server is already a UI: {redact_uri(uri)}")
+        console.print(f"the tracking server is already a UI: {redact_uri(uri)}", markup=False)
         return
     argv, env = ui_command(cfg, port)
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it", markup=False)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)  # the server takes this process's place: one process less to hold memory
 
@@ -410,7 +416,8 @@ def gc(
     result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run, partial=partial)
     verb = "would delete" if dry_run else "deleted"
     for path in result["deleted"]:
-        console.print(f"{verb} {path}  [dim]({result['reasons'].get(path, 'damaged checkpoint')})[/]", highlight=False)
+        console.print(f"{verb} {escape(path)}  [dim]({escape(result['reasons'].get(path, 'damaged checkpoint'))})[/]",
+                      highlight=False)
     console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
     if result["foreign"]:
         console.print(f"left {len(result['foreign'])} folders that qwen-sft did not write (no .qwen-sft-owned marker)")
@@ -443,12 +450,12 @@ def deploy_cmd(
 
     d = deploy(config or DEFAULT_PRESET, list(set_ or []), cron=cron, timezone=timezone, pool=pool, name=name,
                working_dir=working_dir, paused=paused)
-    console.print(f"deployment [bold]{d['name']}[/] ({d['id']}) on {d['api_url']}")
-    console.print(f"schedule: cron '{d['cron']}' {d['timezone']}{' (paused)' if paused else ''}; "
+    console.print(f"deployment [bold]{escape(d['name'])}[/] ({d['id']}) on {escape(d['api_url'])}")
+    console.print(f"schedule: cron '{escape(d['cron'])}' {escape(d['timezone'])}{' (paused)' if paused else ''}; "
                   f"concurrency limit 1 (later runs wait)")
-    console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}")
-    console.print(f"start a worker: prefect worker start --pool {d['work_pool']}")
-    console.print(f"run it now:     prefect deployment run '{d['name']}'")
+    console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}", markup=False)
+    console.print(f"start a worker: prefect worker start --pool {d['work_pool']}", markup=False)
+    console.print(f"run it now:     prefect deployment run '{d['name']}'", markup=False)
 
 
 @app.command("serve")
@@ -508,7 +515,7 @@ def serve_model_cmd(
                     timeout_s=timeout)
     generator = Generator(folder, system_prompt=cfg.data.system_prompt, device=cfg.train.device, dtype=cfg.model.dtype)
     console.print(f"serving {label} on http://{host}:{port}/invocations (caps: {max_new_tokens} new tokens, "
-                  f"{max_input_chars} characters, {max_batch} questions per request; {timeout:g} s)")
+                  f"{max_input_chars} characters, {max_batch} questions per request; {timeout:g} s)", markup=False)
     serve(generator, limits, host=host, port=port, model_name=label)
 
 

@@ -82,11 +82,7 @@ def local_model_dir(cfg: PipelineConfig) -> Path | None:
 def preflight(cfg: PipelineConfig) -> None:
     """Everything checkable without downloading or training."""
     check_output_paths(cfg)
-    check_sources(cfg)
-    if cfg.eval.harness:
-        from sft_core.harness import require_lm_eval
-
-        require_lm_eval()
+    check_sources(cfg)  # (eval.harness without lm-evaluation-harness installed is skipped by the flow, not refused)
     from sft_core.modeling import load_tokenizer
 
     model_dir = local_model_dir(cfg)

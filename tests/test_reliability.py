@@ -479,3 +479,33 @@ def test_a_fifo_as_data_source_is_refused_at_once_by_validate_and_run(tmp_path: 
         lines.append(done.stderr.strip().splitlines()[-1])
     assert lines[0] == lines[1] == f"error: {fifo}: is a named pipe (FIFO), not a file; data.source must name a " \
                                    ".jsonl, .ndjson, .json, .parquet, .csv file", lines
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_an_install_without_the_eval_extra_and_says_it_skipped_lm_eval(tmp_path: Path):
+    """The demo preset (eval.harness: true) failed outright on a plain install of the wheel, which has no
+    lm-evaluation-harness. The run goes on, with one line that names the extra, and registers its candidate.
+    lm-eval is made unimportable for this run only, as a plain install has it: a package of that name earlier on
+    the path whose import fails as a missing module's does (the environment itself keeps lm-eval)."""
+    import subprocess
+
+    from tests.servers import BIN, child_env
+
+    shadow = tmp_path / "no-eval-extra" / "lm_eval"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'lm_eval\'", name="lm_eval")\n')
+    probe = subprocess.run([str(BIN / "python"), "-c", "import lm_eval"], capture_output=True, text=True,
+                           env=child_env(PYTHONPATH=str(shadow.parent)))
+    assert probe.returncode == 1 and "No module named 'lm_eval'" in probe.stderr, "the run below has no lm-eval"
+    sets = [x for o in [*FAST, "train.max_steps=4", f"workdir={tmp_path / 'work'}", "eval.harness=true"]
+            for x in ("--set", o)]
+    done = subprocess.run([str(BIN / "qwen-sft"), "run", "-c", "demo", *sets], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900,
+                          env=child_env(PYTHONPATH=str(shadow.parent), PREFECT_HOME=str(tmp_path / "prefect-home")))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    said = [line for line in out.splitlines() if "lm-evaluation-harness is not installed" in line]
+    assert len(said) == 1 and said[0].endswith("lm-evaluation-harness is not installed (pip install "
+                                               "'qwen-sft-pipeline[eval]' adds it): eval.harness is skipped, the "
+                                               "rest of the run goes on"), said
+    assert "version 1 as @candidate" in done.stdout and "harness/" not in done.stdout
