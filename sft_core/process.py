@@ -108,8 +108,8 @@ def exit_promptly_on_sigterm(cleanup: Callable[[], None] | None = None, grace: f
     (`signal.set_wakeup_fd`: whatever handler is installed at the time), runs `cleanup` and ends the process
     `grace` seconds after the signal if it is still there. Main thread only (signals are delivered there).
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
+    if threading.current_thread() is not threading.main_thread() or _wakeup:
+        return  # signals reach the main thread only; once per process
 
     def on_sigterm(signum: int, _frame: object) -> None:
         print("error: stopped by SIGTERM; run the same command again to resume from the last checkpoint",
