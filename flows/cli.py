@@ -15,11 +15,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from sft_core.config import PipelineConfig, load_config, redact_uri
+from sft_core.config import PipelineConfig, is_config_path, load_config, redact_uri
 from sft_core.errors import ConfigError, SftError
 from sft_core.metrics import fmt
 from sft_core.openai_api import API_KEY_ENV
@@ -57,7 +58,7 @@ def _fail(exc: BaseException) -> None:
     code = exc.exit_code if isinstance(exc, SftError) else 1
     message = " ".join(str(exc).split("\n")) if isinstance(exc, SftError) else f"{type(exc).__name__}: {exc}"
     message = redact_uri(message)  # no password of a URI reaches the terminal
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # text in [ ] is kept
     raise typer.Exit(code)
 
 
@@ -96,17 +97,17 @@ def validate(
     raw = stages.STAGES["ingest"].run_into(cfg, out / "ingest", refresh=True)
     model = _model_for_validation(cfg)
     res = stages.STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw, model=model)
-    table = Table(title=f"validation of {raw.location}")
+    table = Table(title=Text(f"validation of {raw.location}"))
     table.add_column("item")
     table.add_column("value", justify="right")
     table.add_row("rows", str(raw.rows))
     for k in ("good_rows", "bad_rows", "digest", "report", "docs", "quarantine"):
-        table.add_row(k, str(getattr(res, k)))
+        table.add_row(k, Text(str(getattr(res, k))))
     console.print(table)
     if res.bad_rows:
-        console.print(f"[yellow]{res.bad_rows} rows quarantined[/] -> {res.quarantine}")
+        console.print(f"[yellow]{res.bad_rows} rows quarantined[/] -> {escape(str(res.quarantine))}")
     for warning in res.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def _model_for_validation(cfg: PipelineConfig):
@@ -121,7 +122,7 @@ def _model_for_validation(cfg: PipelineConfig):
         return stages.BaseModel(key=None, folder=str(folder), model_dir=str(folder))
     if parse_model_source(cfg.model.source, revision=cfg.model.revision).kind == "tiny":
         return stages.STAGES["base-model"].run(cfg)
-    err.print(f"[yellow]note:[/] {cfg.model.source} is not fetched yet: checked for the Qwen chat tokens only "
+    err.print(f"[yellow]note:[/] {escape(cfg.model.source)} is not fetched yet: checked for the Qwen chat tokens only "
               "(a run checks all of its tokenizer's control tokens)", highlight=False)
     return None
 
@@ -139,7 +140,7 @@ def prepare(
     from sft_core.stages import prepare_data
 
     cfg = _config(config, set_)
-    result = prepare_data(cfg, refresh=refresh, log=console.print)
+    result = prepare_data(cfg, refresh=refresh, log=lambda line: console.print(line, markup=False))
     raw, valid, splits, tokens = result["ingest"], result["validate"], result["split"], result["tokenize"]
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val", "select", "report"):  # val = select + report, cut by sft_core.split.assign_validation
@@ -157,7 +158,7 @@ def prepare(
         "config_hash": cfg.config_hash(),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-    table = Table(title=f"prepared -> {out}")
+    table = Table(title=Text(f"prepared -> {out}"))
     table.add_column("split")
     table.add_column("rows", justify="right")
     table.add_column("p50 / p95 / max tokens", justify="right")
@@ -185,7 +186,8 @@ def make_tiny_model(
     cfg = _config(config, set_)
     path = build_tiny_model(out, cfg.model.tiny)
     info = json.loads((path / "TINY_MODEL.json").read_text())
-    console.print(f"tiny Qwen2 ({info['hidden_size']}x{info['num_hidden_layers']}, tokenizer {info['tokenizer']}) -> {path}")
+    console.print(f"tiny Qwen2 ({info['hidden_size']}x{info['num_hidden_layers']}, tokenizer {info['tokenizer']}) -> {path}",
+                  markup=False)
 
 
 @app.command()
@@ -212,10 +214,12 @@ def predict(
                            batch_size=1, do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
                            top_p=cfg.eval.top_p, repetition_penalty=cfg.eval.repetition_penalty)[0]
     if gen.format_ok:
-        console.print(Panel(gen.think or "[dim](no reasoning)[/]", title="think", border_style="cyan"))
-        console.print(Panel(gen.answer, title="answer", border_style="green"))
+        console.print(Panel(Text(gen.think) if gen.think else Text("(no reasoning)", style="dim"), title="think",
+                            border_style="cyan"))  # the model's text as text: "[1]" stays
+        console.print(Panel(Text(gen.answer), title="answer", border_style="green"))
     else:  # show what the model said rather than empty think/answer boxes
-        console.print(Panel(gen.text or "[dim](empty)[/]", title="output (not one think block + answer)",
+        console.print(Panel(Text(gen.text) if gen.text else Text("(empty)", style="dim"),
+                            title="output (not one think block + answer)",
                             border_style="yellow"))
     if not gen.stopped:
         err.print(f"[yellow]note:[/] stopped at max_new_tokens={budget}")
@@ -252,14 +256,14 @@ def harness(
     prepared = stages.prepare_data(cfg, log=lambda _msg: None)
     budget = stages.generation_budget(cfg, prepared["tokenize"])
     if budget.warning:
-        err.print(f"[yellow]warning:[/] {budget.warning}")
+        err.print(f"[yellow]warning:[/] {escape(budget.warning)}")
     splits = prepared["split"]
     out = cfg.workdir_path / "harness-cli" / stable_hash({"model": str(model_dir), "val": splits.val_digest,
                                                           "new": budget.max_new_tokens})
     model_ref = stages.BaseModel(key=None, folder=str(model_dir), model_dir=str(model_dir))
     result = stages.STAGES["harness"].run_into(cfg, out, refresh=True, model=model_ref, splits=splits,
                                                max_new_tokens=budget.max_new_tokens)
-    table = Table(title=f"lm-evaluation-harness: {uri} (report questions)")
+    table = Table(title=Text(f"lm-evaluation-harness: {uri} (report questions)"))
     for column in ("metric", "value", "n"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     figures = {f"{HARNESS}{k}": v for k, v in result.metrics.items()}
@@ -294,10 +298,12 @@ def run(
     check_readable(cfg)
     check_reachable(cfg)
     from flows.finetune import run_in_process
+    from sft_core.process import exit_promptly_on_sigterm
 
+    exit_promptly_on_sigterm(cleanup=_stop_temporary_prefect_server)  # a scheduler's SIGTERM: out in seconds
     preset = config or DEFAULT_PRESET
-    if Path(preset).is_file():  # a file of the user's: the flow reads the same file
-        preset = str(Path(preset).resolve())
+    if is_config_path(preset):  # a file of the user's: the flow reads the same file
+        preset = str(Path(preset).expanduser().resolve())
     summary = run_in_process(preset, list(set_ or []), refresh=refresh)
     table = Table(title="finetune")
     table.add_column("stage")
@@ -320,11 +326,21 @@ def run(
     if summary["registered"]:
         from flows.finetune import registration_line
 
-        console.print(registration_line(summary["registered"]).replace("`", ""))
+        console.print(registration_line(summary["registered"]).replace("`", ""), markup=False)
     console.print(f"MLflow run {summary['run_id']}:")
-    console.print(summary["run_url"], soft_wrap=True, highlight=False)  # one line, never wrapped: it is copied
+    console.print(summary["run_url"], soft_wrap=True, highlight=False, markup=False)  # one line, never wrapped: it is copied
     if summary["needs_local_ui"]:
         console.print("[dim](the embedded store's UI: start it with `qwen-sft ui`)[/]")
+
+
+def _stop_temporary_prefect_server() -> None:
+    """Stop the temporary Prefect server this process started (none when a server is configured)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    if server is not None and server.server_process is not None:
+        server.server_process.kill()
+        server.server_process.wait(timeout=5)  # reaped: no zombie left behind
 
 
 @app.command()
@@ -342,8 +358,10 @@ def promote(
     from sft_core.errors import PromotionError
     from tasks import tracking
 
+    cfg = _config(config, set_)
+    tracking.check_reachable(cfg)  # a down server or a wrong password says so (exit 6), not "has no alias @candidate"
     try:
-        result = tracking.promote(_config(config, set_), version=version, alias=alias, force=force, reason=reason)
+        result = tracking.promote(cfg, version=version, alias=alias, force=force, reason=reason)
     except PromotionError as exc:
         _print_checks(getattr(exc, "decision", None))
         raise
@@ -351,7 +369,8 @@ def promote(
     if result.forced:
         err.print(Text(f"forced: the gate refused it ({result.decision.reason}); recorded on the version with the "
                        f"reason '{reason}'", style="yellow"))
-    console.print(f"@production -> {result.name} v{result.production}  (@previous: {result.previous})")
+    console.print(f"@production -> {result.name} v{result.production}  (@previous: {result.previous})",
+                  markup=False)
 
 
 def _print_checks(decision) -> None:
@@ -373,10 +392,13 @@ def rollback(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Point @production back at @previous (refused, without --force, when @previous failed the gate)."""
-    from tasks.tracking import rollback as do_rollback
+    from tasks.tracking import check_reachable, rollback as do_rollback
 
-    result = do_rollback(_config(config, set_), force=force, reason=reason)
-    console.print(f"@production -> {result.name} v{result.production}  (@previous: {result.previous})")
+    cfg = _config(config, set_)
+    check_reachable(cfg)  # as `run` and `promote`: exit 6 when the server is down or refuses the credentials
+    result = do_rollback(cfg, force=force, reason=reason)
+    console.print(f"@production -> {result.name} v{result.production}  (@previous: {result.previous})",
+                  markup=False)
 
 
 @app.command()
@@ -395,12 +417,12 @@ def ui(
     remote = uri.startswith(("http://", "https://"))
     exp = experiment_url(cfg, None if remote else f"http://127.0.0.1:{port}")
     if remote:
-        console.print(f"the tracking server is already a UI: {redact_uri(uri)}")
+        console.print(f"the tracking server is already a UI: {redact_uri(uri)}", markup=False)
     else:
         argv, env = ui_command(cfg, port)
-        console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it")
+        console.print(f"MLflow UI on http://127.0.0.1:{port} (store {redact_uri(uri)}); Ctrl-C stops it", markup=False)
     if exp:  # the link opens on the training runs; the UI's own list opens experiments in its GenAI view
-        console.print(f"experiment {experiment_name(cfg)}: {exp}", highlight=False, soft_wrap=True)
+        console.print(f"experiment {experiment_name(cfg)}: {exp}", highlight=False, soft_wrap=True, markup=False)
     if remote:
         return
     sys.stdout.flush()
@@ -420,15 +442,19 @@ def gc(
 
     Never what a registered version came from, nor a folder a running stage holds.
     """
-    from sft_core.workspace import gc as do_gc
+    from sft_core.workspace import gc as do_gc, require_workdir
     from tasks.tracking import registered_folders
 
     cfg = _config(config, set_)
+    require_workdir(cfg.workdir_path)  # before the registry is asked (it would create a store there)
     result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run, partial=partial)
     verb = "would delete" if dry_run else "deleted"
     for path in result["deleted"]:
-        console.print(f"{verb} {path}  [dim]({result['reasons'].get(path, 'damaged checkpoint')})[/]", highlight=False)
+        console.print(f"{verb} {escape(path)}  [dim]({escape(result['reasons'].get(path, 'damaged checkpoint'))})[/]",
+                      highlight=False)
     console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
+    if result["foreign"]:
+        console.print(f"left {len(result['foreign'])} folders that qwen-sft did not write (no .qwen-sft-owned marker)")
 
 
 # --- team set-up: scheduled retraining and serving ------------------------------------------------
@@ -459,18 +485,18 @@ def deploy_cmd(
 
     d = deploy(config or DEFAULT_PRESET, list(set_ or []), cron=cron, timezone=timezone, pool=pool, name=name,
                working_dir=working_dir, paused=paused)
-    console.print(f"deployment [bold]{d['name']}[/] ({d['id']}) on {d['api_url']}")
-    console.print(f"schedule: cron '{d['cron']}' {d['timezone']}{' (paused)' if paused else ''}; "
+    console.print(f"deployment [bold]{escape(d['name'])}[/] ({d['id']}) on {escape(d['api_url'])}")
+    console.print(f"schedule: cron '{escape(d['cron'])}' {escape(d['timezone'])}{' (paused)' if paused else ''}; "
                   f"concurrency limit 1 (later runs wait)")
-    console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}")
-    console.print(f"runs start in:  {d['working_dir']} (workdir {d['workdir']})", highlight=False)
+    console.print(f"work pool: {d['work_pool']}{' (created, type process)' if d['pool_created'] else ''}", markup=False)
+    console.print(f"runs start in:  {d['working_dir']} (workdir {d['workdir']})", highlight=False, markup=False)
     store = {"tracking.uri": "tracking.uri", "MLFLOW_TRACKING_URI": "this shell's MLFLOW_TRACKING_URI, carried by the "
                                                                     "deployment",
              "embedded": "embedded: `qwen-sft ui` in that folder shows it; a worker whose environment sets "
                          "MLFLOW_TRACKING_URI logs there instead"}[d["tracking_from"]]
-    console.print(f"tracking store: {redact_uri(d['tracking'])} ({store})", highlight=False, soft_wrap=True)
-    console.print(f"start a worker: qwen-sft worker --pool {d['work_pool']}", highlight=False)
-    console.print(f"run it now:     prefect deployment run '{d['name']}'", highlight=False)
+    console.print(f"tracking store: {redact_uri(d['tracking'])} ({store})", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"start a worker: qwen-sft worker --pool {d['work_pool']}", highlight=False, markup=False)
+    console.print(f"run it now:     prefect deployment run '{d['name']}'", highlight=False, markup=False)
 
 
 @app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -574,12 +600,12 @@ def serve_model_cmd(
 
         positions = model_shape(folder).get("max_position_embeddings") or 32768
         context = max_model_len or min(positions, max_new_tokens + max_input_chars + 512)
-        console.print(f"starting vLLM on {folder} (context {context:,} tokens); this takes a minute or two")
+        console.print(f"starting vLLM on {folder} (context {context:,} tokens); this takes a minute or two", markup=False)
         runner = VllmEngine(folder, system_prompt=cfg.data.system_prompt, served_name=name, max_model_len=context,
                             sequences=max_batch, dtype=cfg.model.dtype, repetition_penalty=cfg.eval.repetition_penalty,
                             gpu_memory_utilization=gpu_memory_utilization, vllm=vllm,
                             log_path=cfg.workdir_path / "serve" / f"vllm-{port}.log")
-        console.print(f"vLLM ready in {runner.server.load_seconds:.0f} s (log: {runner.server.log_path})")
+        console.print(f"vLLM ready in {runner.server.load_seconds:.0f} s (log: {runner.server.log_path})", markup=False)
     else:
         from sft_core.engine import HfEngine
 
@@ -588,7 +614,7 @@ def serve_model_cmd(
     auth = "API key required" if api_key else "no API key"
     console.print(f"serving {label} as '{name}' ({engine}) on http://{host}:{port}/v1 (OpenAI) and /invocations; "
                   f"{auth}; caps: {max_new_tokens} new tokens, {max_input_chars} characters, {max_batch} questions "
-                  f"per request; {timeout:g} s", highlight=False, soft_wrap=True)
+                  f"per request; {timeout:g} s", highlight=False, soft_wrap=True, markup=False)
     serve(runner, limits, host=host, port=port, model_name=name, api_key=api_key)
 
 

@@ -21,7 +21,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from sft_core.checkpoints import check_registrable
 from sft_core.config import PipelineConfig, load_config, overrides_between, redact_uri, split_secrets
+from sft_core.harness import lm_eval_missing
 from sft_core.preflight import preflight
 from sft_core.process import configure_process
 from sft_core.stages import generation_budget
@@ -74,6 +76,9 @@ def finetune_run(config: ConfigRef, overrides: list[Override] | None = None, ref
     uri = tracking.check_reachable(cfg)  # fails in seconds, before any data or training work
     tracking.warm_store(cfg)  # a new embedded store is created by a child process meanwhile
     preflight(cfg)
+    no_harness = cfg.eval.harness and lm_eval_missing()  # a plain install: the run goes on without it, and says so
+    if no_harness:
+        log.warning("%s: eval.harness is skipped, the rest of the run goes on", no_harness)
     code = code_fingerprint()  # every stage's code version, computed here once (the task threads reuse them)
     stage = StageRunner(cfg, refresh=refresh)
 
@@ -112,9 +117,10 @@ def finetune_run(config: ConfigRef, overrides: list[Override] | None = None, ref
         track.track_evaluation(cfg, run_id, trained, metrics, splits, evaluated, generated, base_eval, base_gen)
         registered = None
         if cfg.registry.enabled and cfg.tracking.log_model:
+            check_registrable(trained.final_model_dir, metrics)  # NaN eval loss or weights: never a candidate
             facts = track.card_facts(cfg, raw, splits, trained, metrics, generated, config=config, overrides=overrides)
             registered = stage.timed("register", track.register, cfg, run_id, trained, metrics, new_tokens, facts)
-        if cfg.eval.harness:
+        if cfg.eval.harness and not no_harness:
             harnessed = stage("harness", model=trained, splits=splits, max_new_tokens=new_tokens)
             track.track_harness(cfg, run_id, trained, harnessed)
             metrics |= {f"harness/{k}": v for k, v in harnessed.metrics.items()}

@@ -12,7 +12,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -236,39 +236,111 @@ class PipelineConfig(_Section):
 SECRET_KEY = re.compile(r"(password|passwd|secret|api_?key|access_key|(^|_)token)$", re.IGNORECASE)
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_SCHEME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+.-")
+_URL_BODY = re.compile(r"[^\s'\"<>]+")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:\d*)?([/?#]|$)")
 _SECRET_QUERY = re.compile(r"(token|key|secret|password|passwd|pwd|sig|signature|auth|credential)", re.IGNORECASE)
+
+
+def _url_spans(text: str) -> Iterator[tuple[int, int]]:
+    """Where `scheme://rest` URLs are in `text` (a scheme is a letter, then letters, digits, `+`, `.`, `-`; the rest
+    runs to a space, a quote or `<`/`>`), in linear time.
+
+    A regex that tries a scheme at every position is quadratic on a long run of letters without `://` (a 1 MB
+    column name in an error message kept the error printer busy for minutes): this looks for `://` first and
+    walks back over the scheme, never past the end of the previous URL.
+    """
+    pos = 0
+    while (sep := text.find("://", pos)) >= 0:
+        start = sep
+        while start > pos and text[start - 1] in _SCHEME_CHARS:
+            start -= 1
+        while start < sep and not text[start].isalpha():  # the scheme begins at the run's first letter
+            start += 1
+        body = _URL_BODY.match(text, sep + 3)
+        if start == sep or body is None:
+            pos = sep + 1
+            continue
+        yield start, body.end()
+        pos = body.end()
+
+
+def _authority(url: str) -> tuple[str, str, str] | None:
+    """(scheme://, credentials, host and the rest) when `url` holds credentials, else None.
+
+    The credentials run to the last `@` of the authority (a password may hold `@`). A password with an unencoded
+    `#`, `/` or `?` ends the authority early for a URL parser: when `user:...` is followed, past such a character,
+    by `@host`, the credentials still run to that `@` (a `host:port/path@host` is redacted too: over, never under).
+    """
+    from urllib.parse import urlsplit
+
+    head, _, rest = url.partition("://")
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        netloc = rest.split("/", 1)[0]
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        return f"{head}://", creds, host + rest[len(netloc):]
+    at = rest.rfind("@")
+    if ":" in netloc and at > len(netloc) and _HOST_PORT.match(rest, at + 1):
+        return f"{head}://", rest[:at], rest[at + 1:]
+    return None
+
+
+def credentials_problem(uri: str) -> str | None:
+    """Why the credentials in `uri` cannot be read as written (an unencoded `#`, `/`, `?` or a space in them), or None.
+
+    Only the shape is said, never a character of the password."""
+    url = uri.strip()
+    if "://" not in url:
+        return None
+    found = _authority(url.split()[0]) if url.split() else None
+    spaced = len(url.split()) > 1 and "@" in url.split(None, 1)[1] and ":" in url.split()[0].partition("://")[2]
+    if not spaced and (found is None or not any(ch in found[1] for ch in "#/?")):
+        return None
+    scheme = url.partition("://")[0]
+    user = url.partition("://")[2].split(":", 1)[0]
+    host = url.rsplit("@", 1)[1] if "@" in url else "…"
+    return (f"{scheme}://{user}:***@{host}: the password holds a character that ends a URI's host part ('#', '/', "
+            "'?' or a space); percent-encode it (# %23, / %2F, ? %3F, space %20, @ %40), or leave it out of the URI "
+            "and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
 
 
 def redact_uri(text: str) -> str:
     """`text` with every URL's password and secret-looking query values replaced by `***`.
 
     The user name stays when a password follows it (it says whose credentials were meant); a user part
-    alone (`https://TOKEN@host`) is a token and is hidden. A password may contain `@`: the host is what
-    follows the last `@` of the authority.
+    alone (`https://TOKEN@host`) is a token and is hidden. A password may contain `@` (the host is what
+    follows the last `@` of the authority) and, unencoded, `#`, `/` or `?` (see `_authority`).
     """
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-    def one(match: re.Match) -> str:
-        url = match.group(0)
+    def one(url: str) -> str:
+        if "@" not in url and "?" not in url:
+            return url  # no credentials, no query: nothing to hide
+        found = _authority(url)
+        if found is not None:
+            head, creds, after = found
+            user, colon, _ = creds.partition(":")
+            url = f"{head}{user}:***@{after}" if colon else f"{head}***@{after}"  # a user part alone may be a token
         try:
             parts = urlsplit(url)
         except ValueError:
             return url
-        netloc = parts.netloc
-        if "@" in netloc:
-            creds, host = netloc.rsplit("@", 1)
-            user, colon, _ = creds.partition(":")
-            netloc = f"{user}:***@{host}" if colon else f"***@{host}"  # a user part alone may be a token
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
             query = urlencode([(k, "***" if _SECRET_QUERY.search(k) and v else v) for k, v in pairs], safe="*")
-        if netloc == parts.netloc and query == parts.query:
+        if query == parts.query:
             return url  # nothing secret: as written (urlunsplit would drop the empty authority of sqlite:////)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
-    return _URL.sub(one, text)
+    out, last = [], 0
+    for start, end in _url_spans(text):
+        out += [text[last:start], one(text[start:end])]
+        last = end
+    return "".join(out) + text[last:]
 
 
 def redact(obj: Any) -> Any:
@@ -381,15 +453,27 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def is_config_path(text: str) -> bool:
+    """Whether `--config` names a file (a slash in it, or a `.yaml` / `.yml` name) rather than a shipped preset."""
+    return "/" in text or "\\" in text or text.endswith((".yaml", ".yml"))
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """A preset name (`demo`) or a file path."""
-    p = Path(path)
-    if p.exists():
-        return p
-    candidate = presets() / f"{Path(path).name.removesuffix('.yaml')}.yaml"
-    if candidate.exists():  # a preset name, or a repository path such as configs/demo.yaml from anywhere
+    """`--config`: a bare name (`demo`) is a shipped preset; anything else (a slash in it, or a name ending in
+    `.yaml` / `.yml`) is a file path, read as written from the current folder, and must exist: a typo in a path
+    never falls back to the preset of the same name."""
+    text = str(path)
+    shown = ", ".join(list_presets())
+    if is_config_path(text):
+        p = Path(text).expanduser()
+        if p.is_file():
+            return p
+        what = "is a folder, not a YAML file" if p.is_dir() else "not found"
+        raise ConfigError(f"config file '{text}' {what} (from {Path.cwd()}; a bare name is a shipped preset: {shown})")
+    candidate = presets() / f"{text}.yaml"
+    if candidate.is_file():
         return candidate
-    raise ConfigError(f"config file '{path}' not found (presets: {', '.join(list_presets())})")
+    raise ConfigError(f"no preset named '{text}' (presets: {shown}; or give the path of a YAML file)")
 
 
 def list_presets() -> list[str]:

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +84,7 @@ def load_rows(
         path = src.path
         if not path.exists():
             raise DataSourceError(_missing_file_message(source, path), transient=False)
-        if path.is_dir():
-            raise DataSourceError(f"{path}: is a directory; data.source must name a {'/'.join(LOCAL_SUFFIXES)} file",
-                                  transient=False)
+        require_regular_file(path)
         location = str(path)
         rows, numbers = _read_local(path)
     if not rows:
@@ -177,6 +176,20 @@ def _load_hf(
     return rows, f"{source} [{split}]"
 
 
+_NOT_FILES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse a data source that exists but is not a regular file, before anything opens it: reading a FIFO blocks
+    until a writer comes (forever), and a device never ends. `validate` (ingest) and `run` (preflight) both ask here."""
+    mode = path.stat().st_mode
+    kind = next((name for test, name in _NOT_FILES if test(mode)), None)
+    if kind is not None:
+        raise DataSourceError(f"{path}: is {kind}, not a file; data.source must name a "
+                              f"{', '.join(LOCAL_SUFFIXES)} file", transient=False)
+
+
 def _missing_file_message(source: str, path: Path) -> str:
     msg = f"{path}: file not found"
     if "/" in source and not path.suffix and not source.startswith(("/", ".", "~", "file://")):
@@ -234,7 +247,13 @@ def _decode(path: Path, data: bytes) -> str:
 
 
 def _check_text(value: Any, where: str) -> None:
-    """Reject lone surrogates (from \\udxxx escapes): they cannot be encoded or tokenized."""
+    """Reject lone surrogates (from \\udxxx escapes): they cannot be encoded or tokenized; and values that are not
+    JSON (bytes from a binary column, dates, decimals): a row holds text, numbers, lists and objects."""
+    if isinstance(value, bytes):
+        raise DataFormatError(f"{where}: is binary data ({len(value)} bytes), not text; store it as UTF-8 text")
+    if not isinstance(value, (str, dict, list, int, float, bool, type(None))):
+        raise DataFormatError(f"{where}: is a {type(value).__name__} value ({str(value)[:40]}), not text, a number, "
+                              "a list or an object; store it as text")
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -355,6 +374,9 @@ def _parse_json(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]
 
 
 def _parse_csv(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """CSV as spreadsheets write it: a UTF-8 BOM is dropped (by `_decode`), rows may end in CRLF, and a CRLF inside a
+    quoted field is a line break (Excel and Sheets write one there), so it becomes "\\n"; a lone CR stays text, and
+    validation refuses it as a control character."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[dict[str, Any]] = []
     numbers: list[int] = []
@@ -375,7 +397,7 @@ def _parse_csv(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
                 raise DataFormatError(
                     f"{path}: line {line}: expected {len(header)} fields (as in the header), got {len(record)}"
                 )
-            rows.append(dict(zip(header, record)))
+            rows.append({name: value.replace("\r\n", "\n") for name, value in zip(header, record)})
             numbers.append(line)
     except csv.Error as exc:
         raise DataFormatError(f"{path}: line {reader.line_num}: bad CSV: {exc}") from exc
@@ -397,6 +419,10 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise DataFormatError(f"{path}: column '{twice[0]}' appears twice in the Parquet schema")
+        for column in parquet.schema_arrow:
+            if _holds_binary(column.type):
+                raise DataFormatError(f"{path}: column '{column.name}' has the Parquet type {column.type}, not "
+                                      "string: rows are text (write the column as UTF-8 strings)")
         rows = parquet.read().to_pylist()
     except DataFormatError:
         raise
@@ -408,6 +434,16 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     for n, row in enumerate(rows, start=1):
         _as_row(row, f"{path}: row {n}")
     return rows, list(range(1, len(rows) + 1))
+
+
+def _holds_binary(kind: Any) -> bool:
+    """A pyarrow type that is binary, or a list, struct or map with binary inside."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) or (
+            hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(kind)):
+        return True
+    return any(_holds_binary(kind.field(i).type) for i in range(getattr(kind, "num_fields", 0)))
 
 
 # -- column normalisation -----------------------------------------------------------

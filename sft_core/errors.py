@@ -45,6 +45,13 @@ class ModelSourceError(SftError):
         self.transient = transient  # only a download that failed on the network may pass on a retry
 
 
+class NonFiniteError(SftError):
+    """Training produced a loss, or a model holds weights, that are NaN or infinite: it stops and is never registered.
+    Exit 5, the model's code: the model being trained is what went wrong (or the rate that trains it)."""
+
+    exit_code = 5
+
+
 class TrackingError(SftError):
     """The MLflow tracking server is unreachable or refuses us."""
 

@@ -22,13 +22,24 @@ from sft_core.errors import ConfigError
 TASK = "qwen_sft_medical"
 
 
-def require_lm_eval() -> None:
-    """A clear error when the optional evaluator is not installed."""
+EXTRA = "pip install 'qwen-sft-pipeline[eval]'"  # the optional dependency that brings lm-evaluation-harness
+
+
+def lm_eval_missing() -> str | None:
+    """What to say when lm-evaluation-harness cannot be imported (a plain install, without the `[eval]` extra),
+    or None when it can. A run skips `eval.harness` with this line; `qwen-sft harness` refuses with it."""
     try:
         import lm_eval  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError("eval.harness=true needs lm-evaluation-harness: pip install 'qwen-sft-pipeline[eval]' "
-                          "(or `make install`), or set eval.harness=false") from exc
+    except ImportError:
+        return f"lm-evaluation-harness is not installed ({EXTRA} adds it)"
+    return None
+
+
+def require_lm_eval() -> None:
+    """A clear error when the optional evaluator is not installed."""
+    missing = lm_eval_missing()
+    if missing:
+        raise ConfigError(f"{missing}: it is needed here, or set eval.harness=false")
 
 
 def write_task(folder: Path, val_jsonl: Path, *, max_new_tokens: int, stop: list[str],

@@ -30,9 +30,12 @@ def check_output_paths(cfg: PipelineConfig) -> None:
 
 def check_sources(cfg: PipelineConfig) -> None:
     """Source URIs parse (hub ids are owner/name), local data files and model folders exist."""
+    from sft_core.data import require_regular_file
     from sft_core.sources import parse_data_source, parse_model_source
 
     data = parse_data_source(cfg.data.source, revision=cfg.data.revision)
+    if data.kind == "local" and data.path.exists():  # a FIFO or a folder: refused as `validate` refuses it
+        require_regular_file(data.path)
     if data.kind == "local" and not data.path.is_file():
         raise ConfigError(f"data.source='{cfg.data.source}': no such file")
     model = parse_model_source(cfg.model.source, revision=cfg.model.revision)
@@ -79,11 +82,7 @@ def local_model_dir(cfg: PipelineConfig) -> Path | None:
 def preflight(cfg: PipelineConfig) -> None:
     """Everything checkable without downloading or training."""
     check_output_paths(cfg)
-    check_sources(cfg)
-    if cfg.eval.harness:
-        from sft_core.harness import require_lm_eval
-
-        require_lm_eval()
+    check_sources(cfg)  # (eval.harness without lm-evaluation-harness installed is skipped by the flow, not refused)
     from sft_core.modeling import load_tokenizer
 
     model_dir = local_model_dir(cfg)

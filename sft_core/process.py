@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Callable
 
 # name -> default; why each one is here
 PROCESS_DEFAULTS = {
@@ -82,3 +88,58 @@ def user_environment(name: str) -> str | None:
     """A variable as the user set it when the process started (as now, if `configure_process` never ran)."""
     env = _user_environment if _user_environment is not None else os.environ
     return env.get(name) or None
+
+
+_wakeup: list[socket.socket] = []
+SIGTERM_GRACE_S = 5.0  # `docker stop` waits 10 s, Kubernetes 30 s; marking the run crashed takes well under 1 s
+
+
+def exit_promptly_on_sigterm(cleanup: Callable[[], None] | None = None, grace: float = SIGTERM_GRACE_S) -> None:
+    """SIGTERM (a scheduler stopping `qwen-sft run`) ends this process within `grace` seconds, children stopped.
+
+    Prefect's flow engine catches SIGTERM itself, marks the run crashed (the flow has marked its MLflow run
+    failed on the way out) and then re-sends the signal to the handler it found. That was the default action:
+    the process died there and then, leaving the temporary Prefect server it had started running on its own.
+    Here the handler it finds runs `cleanup` (which stops that server) and ends the process at once: the exit
+    hooks would only try to flush events to the server just stopped.
+
+    When the whole process group gets the signal, the temporary server dies at once and Prefect's client
+    retried it for minutes before the process could end. A watchdog thread, woken by the signal itself
+    (`signal.set_wakeup_fd`: whatever handler is installed at the time), runs `cleanup` and ends the process
+    `grace` seconds after the signal if it is still there. Main thread only (signals are delivered there).
+    """
+    if threading.current_thread() is not threading.main_thread() or _wakeup:
+        return  # signals reach the main thread only; once per process
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        print("error: stopped by SIGTERM; run the same command again to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        _end(128 + signum, cleanup)
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    _wakeup.append(writer)  # kept open for the life of the process: the signal writes to it
+
+    def watchdog() -> None:
+        while signal.SIGTERM not in reader.recv(64):
+            pass
+        time.sleep(grace)
+        _end(128 + signal.SIGTERM, cleanup)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    threading.Thread(target=watchdog, name="sigterm-watchdog", daemon=True).start()
+
+
+def _end(code: int, cleanup: Callable[[], None] | None) -> None:
+    """`cleanup`, flush the standard streams, and end the process now with `code` (no exit hooks)."""
+    try:
+        if cleanup is not None:
+            cleanup()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 (a closed stream must not keep the process alive)
+                pass
+        os._exit(code)

@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import Literal, TypeVar
+
+from sft_core.errors import DataValidationError
 
 T = TypeVar("T")
 
@@ -74,3 +77,22 @@ def assign_validation(rows: list[T], selection_fraction: float, *, key: str = "q
     selection = [r for r in rows if first_side[str(r[key])]]  # type: ignore[index]
     report = [r for r in rows if not first_side[str(r[key])]]  # type: ignore[index]
     return selection, report
+
+
+def check_split(train: list, val: list, *, method: str, train_fraction: float) -> None:
+    """A split with an empty side cannot train (no training rows) or be evaluated and selected (no validation rows):
+    say so, with the counts and what to do, instead of failing later on an empty file. Too little data for the
+    split is a data problem, like too few rows: DataValidationError (exit 4)."""
+    if train and val:
+        return
+    n = len(train) + len(val)
+    side = "training" if not train else "validation"
+    if method == "hash":
+        fix = ("or set data.split_method=shuffle, which keeps a share of every dataset for validation" if not val
+               else "or set data.split_method=shuffle")
+    else:
+        fix = f"at least {math.ceil(1 / train_fraction)} rows with data.train_fraction={train_fraction}, or raise it"
+    raise DataValidationError(
+        f"the {side} split is empty: the {method} split of {n} row{'s' if n != 1 else ''} (data.train_fraction="
+        f"{train_fraction}) put {len(train)} in training and {len(val)} in validation, and a run needs both; add "
+        f"rows ({fix})")

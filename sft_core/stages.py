@@ -35,6 +35,7 @@ from sft_core.disk import check_space, free_space, is_disk_full, training_space
 from sft_core.errors import StorageError
 
 DONE = "_DONE.json"
+OWNED = ".qwen-sft-owned"  # written into every folder a stage creates: `qwen-sft gc` deletes nothing else
 
 
 # --- typed results: what a stage hands to the next, and what its _DONE.json holds ---------------------------
@@ -254,6 +255,7 @@ def run_in_folder(folder: Path, body: Callable[[Path], Result], result: type[Res
         started = time.perf_counter()
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / OWNED).write_text("written by qwen-sft: `qwen-sft gc` may delete this folder\n", encoding="utf-8")
             out = body(folder)
             out.seconds = round(time.perf_counter() - started, 3)
             return write_done(folder, out)
@@ -375,11 +377,12 @@ def split_key(cfg: PipelineConfig, valid: Validated) -> dict:
 
 def split_body(cfg: PipelineConfig, folder: Path, valid: Validated) -> dict:
     from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.split import assign_validation, question_id, split_rows
+    from sft_core.split import assign_validation, check_split, question_id, split_rows
 
     d = cfg.data
     train, val = split_rows(read_jsonl(valid.valid), method=d.split_method, train_fraction=d.train_fraction,
                             seed=d.split_seed)
+    check_split(train, val, method=d.split_method, train_fraction=d.train_fraction)
     select, report = assign_validation(val, d.selection_fraction)
     paths = {name: write_jsonl(rows, folder / f"{name}.jsonl")
              for name, rows in (("train", train), ("val", val), ("select", select), ("report", report))}
@@ -602,11 +605,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "ingest", Ingested, ingest_key, ingest_body, ("sft_core.data", "sft_core.sources"), retries=2),
     Stage("base-model", "model", BaseModel, base_model_key, base_model_body,
           ("sft_core.modeling", "sft_core.tiny_model"), retries=2),
-    Stage("validate", "validate", Validated, validate_key, validate_body, ("sft_core.validation", "sft_core.chat")),
+    Stage("validate", "validate", Validated, validate_key, validate_body,
+          ("sft_core.validation", "sft_core.data_docs", "sft_core.chat")),
     Stage("split", "split", Split, split_key, split_body, ("sft_core.split",)),
     Stage("tokenize", "tokenize", Tokenized, tokenize_key, tokenize_body, ("sft_core.tokenize", "sft_core.chat")),
     Stage("train", "train", Trained, train_key, train_body,
-          ("sft_core.train", "sft_core.loss", "sft_core.modeling", "sft_core.launch", *_GENERATE), keep_partial=True),
+          ("sft_core.train", "sft_core.checkpoints", "sft_core.loss", "sft_core.modeling", "sft_core.launch",
+           *_GENERATE), keep_partial=True),
     Stage("evaluate", "evaluate", Evaluated, evaluate_key, evaluate_body, _EVALUATE),
     Stage("generate", "generate", Generated, generate_key, generate_body, _GENERATE),
     Stage("evaluate-base", "evaluate", Evaluated, evaluate_key, evaluate_body, _EVALUATE),

@@ -122,9 +122,11 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     The model is built in a hidden sibling folder and renamed into place when complete, so a process killed
     mid-build leaves no half-written `out_dir` (a 0-byte config.json) for a later run to trust.
     """
+    from sft_core.stages import OWNED
+
     cfg = cfg or TinyModelConfig()
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != OWNED for p in out.iterdir())):
         from sft_core.errors import ConfigError
 
         raise ConfigError(f"{out}: already exists and is not an empty folder; write the tiny model to a new one")
@@ -134,6 +136,8 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     try:
         _write_tiny_model(partial, cfg)
         if out.exists():
+            for marker in out.iterdir():  # a stage folder's ownership marker goes with the model
+                os.replace(marker, partial / marker.name)
             out.rmdir()
         os.replace(partial, out)
     finally:

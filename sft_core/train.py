@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sft_core.chat import IGNORE_INDEX
+from sft_core.checkpoints import (checkpoint_problem, checkpoint_step, last_checkpoint,  # noqa: F401 (their old home)
+                                  make_checksum_callback, make_finite_loss_callback)
 from sft_core.config import PipelineConfig, TrainConfig
 from sft_core.metrics import SELECTION
 
@@ -75,77 +76,6 @@ class GenerationCheck:
 
 
 GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "usable_rate", "rouge_l", "mean_new_tokens")
-
-
-def last_checkpoint(output_dir: str | Path, warn: Callable[[str], None] = print) -> str | None:
-    """The newest `checkpoint-N` folder that is whole; a damaged newer one is moved aside.
-
-    Whole: trainer_state.json parses, every safetensors file's header matches its size, and the
-    optimizer state (a zip, as torch saves it) has its central directory. A crash while saving or a
-    bad disk damages the newest checkpoint; resuming falls back to the one before it, and the
-    damaged one is renamed `damaged-checkpoint-N` (kept for a look; a name the Trainer's checkpoint
-    rotation does not match, so it is never resumed from nor counted).
-    """
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    found = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for ckpt in found:
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return str(ckpt)
-        if (ckpt / "trainer_state.json").exists():  # saved (or half saved) by a run: damaged, not in progress
-            aside = ckpt.with_name(f"damaged-{ckpt.name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            ckpt.rename(aside)
-            warn(f"warning: {ckpt} is damaged ({problem}); resuming from an earlier one, it is kept as {aside.name}")
-    return None
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """What makes a checkpoint folder unusable for resuming, or None when it is whole."""
-    import zipfile
-
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"trainer_state.json: {exc}"
-    weights = sorted(ckpt.glob("*.safetensors"))
-    if not weights:
-        return "no safetensors weights"
-    for path in weights:
-        problem = _safetensors_problem(path)
-        if problem:
-            return f"{path.name}: {problem}"
-    optimizer = ckpt / "optimizer.pt"
-    if optimizer.exists():
-        try:
-            with zipfile.ZipFile(optimizer):
-                pass
-        except (OSError, zipfile.BadZipFile) as exc:
-            return f"optimizer.pt: {exc}"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header length, a JSON header, then the tensors: its size must match."""
-    import struct
-
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                return f"header of {n} bytes in a {size}-byte file"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as exc:
-        return f"unreadable header ({exc})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    expected = 8 + n + (max(ends) if ends else 0)
-    if size < expected:
-        return f"truncated: {size} of {expected} bytes"
-    return None
 
 
 def resolve_padding_free(setting: bool | str, device: str) -> bool:
@@ -255,6 +185,7 @@ def build_training_args(tc: TrainConfig, output_dir: str | Path, *, device: str,
         dataloader_num_workers=tc.dataloader_num_workers,
         save_only_model=False,
         disable_tqdm=True,  # progress is one line per logged step (make_metrics_callback), not a bar
+        logging_nan_inf_filter=False,  # its filter logged a NaN loss as 0 (the mean of none); a NaN stops training
         ddp_find_unused_parameters=False,
     )
 
@@ -264,10 +195,40 @@ def make_trainer_class():
     import torch
     from transformers import Trainer
 
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
     from sft_core.loss import compute_sft_loss
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """Length grouping whose order is a function of (seed, epoch) alone.
+
+        transformers builds its `LengthGroupedSampler` for training without a generator, so each epoch's order
+        is drawn from the global torch RNG as it stands when the epoch starts: after a whole epoch 1 in an
+        uninterrupted run, right after start-up in a run resumed inside epoch 2 (from there on the losses
+        differed). Seeded per epoch (accelerate's `set_epoch`, as its seedable random sampler is), the resumed run
+        skips the same batches of the same order; every rank draws the same order too.
+        """
+
+        def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            self.generator.manual_seed(self.seed + self.epoch)
+            return super().__iter__()
 
     class SFTTrainer(Trainer):
         loss_mode: str = "chunked"
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return sampler
 
         def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = 1024,
                      generation_check: GenerationCheck | None = None, **kwargs: Any) -> None:
@@ -443,7 +404,8 @@ def run_training(
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[make_metrics_callback(metrics_file, sink, progress), *(extra_callbacks or [])],
+        callbacks=[make_finite_loss_callback(), make_metrics_callback(metrics_file, sink, progress),
+                   make_checksum_callback(), *(extra_callbacks or [])],
         # the chunked loss calls the lm_head outside the wrapper's forward: fine for DDP, not for sharded weights
         loss_mode=tc.loss if tc.num_processes == 1 or tc.accelerate_config == "ddp" else "standard",
         loss_chunk_size=resolve_loss_chunk_size(tc.loss_chunk_size, device),
@@ -454,7 +416,10 @@ def run_training(
     trainer.remove_callback(PrinterCallback)  # it would print every log dict a second time
     resume = last_checkpoint(out, warn=progress or print)
     if resume is not None:  # the steps after the checkpoint are trained again: their old lines would count twice
-        drop_metrics_after(metrics_file, int(Path(resume).name.split("-")[-1]))
+        drop_metrics_after(metrics_file, checkpoint_step(resume))
+        if trainer.is_world_process_zero():
+            (progress or print)(f"resuming from {Path(resume).name}: the steps after {checkpoint_step(resume)} are "
+                                "trained again")
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = out / "final"
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one full state dict on rank 0

@@ -1,9 +1,26 @@
-"""Great Expectations validation of ingested rows, with row-level attribution.
+r"""Great Expectations validation of ingested rows, with row-level attribution.
 
 The suite lives in ``expectations/<suite>.json`` (GX 1.x suite JSON). Two of its
 kwargs follow ``validate_rows`` arguments through ``meta``: ``meta.bind`` sets a kwarg
 to an argument (``min_rows``, ``max_field_chars``), ``meta.cap`` lowers it to one.
 ``meta.reason`` is the row-level message, with ``{placeholders}`` filled in here.
+
+Invisible text (the rule): Python's ``re`` (what GX runs on pandas) has no Unicode
+properties, so a suite regex may write ``\p{Default_Ignorable_Code_Point}`` and
+``load_suite`` replaces it with that property's code points, read from the ``regex``
+package's Unicode tables (zero-width spaces and joiners, soft hyphen, word joiner, BOM,
+the Hangul fillers U+115F U+1160 U+3164 U+FFA0, U+034F, variation selectors, tag
+characters, ...). With it, the suite says:
+
+- a field is *blank* when every character is white space (``\s``), default-ignorable,
+  U+180E or U+2800 BRAILLE PATTERN BLANK (shown as an empty cell, not a space to Unicode);
+- a *think tag* is ``<think>`` / ``</think>`` in any letter case, also with spaces or
+  default-ignorable characters anywhere inside it (``</\u200bthink>`` reads as the tag);
+- *hidden text* is refused like the bidirectional controls: Unicode tag characters
+  (U+E0000-U+E007F, invisible copies of ASCII that a model reads as instructions) and
+  runs of two or more variation selectors (one picks a glyph; a run carries bytes).
+  A single default-ignorable character inside text (a ZWJ in an emoji, a ZWNJ in Persian,
+  a soft hyphen, one variation selector) is ordinary text and passes.
 
 GX produces the report; the bad rows are GX's own ``unexpected_index_list``s, so the
 report and the attribution agree by construction. The one difference is uniqueness:
@@ -13,6 +30,7 @@ Great Expectations is imported lazily (the import costs ~6 s).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -27,6 +45,8 @@ DOCS_SITE = "qwen_sft"
 MAX_LISTED = 5  # problems spelled out in an error message
 REPORT_HTML = "validation_report.html"  # the report as one page that needs nothing else (no CDN, no links)
 SAMPLE_ROWS = 20  # bad row numbers kept per expectation in the report
+IGNORABLE = r"\p{Default_Ignorable_Code_Point}"  # a suite regex may use it; `re` gets its code points
+TAGS = range(0xE0000, 0xE0080)  # Unicode tag characters: U+E0020-U+E007E mirror ASCII
 
 
 @dataclass
@@ -73,6 +93,10 @@ def load_suite(suite: str, *, min_rows: int = 10, max_field_chars: int = 20000,
         spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
+    for exp in spec.get("expectations", []):
+        for holder, key in ((exp.get("kwargs", {}), "regex"), (exp.get("meta", {}), "locate")):
+            if isinstance(holder.get(key), str):
+                holder[key] = holder[key].replace(IGNORABLE, default_ignorable())
     tokens = sorted(set(control_tokens or []), key=lambda t: (-len(t), t))  # the longest first: `<|im_end|>` whole
     params = {"min_rows": min_rows, "max_field_chars": max_field_chars,
               "control_tokens": [re.escape(t) for t in tokens] if control_tokens is not None else None}
@@ -91,6 +115,21 @@ def load_suite(suite: str, *, min_rows: int = 10, max_field_chars: int = 20000,
         kept.append(exp)
     spec["expectations"] = kept
     return spec
+
+
+@functools.cache
+def default_ignorable() -> str:
+    """The Default_Ignorable_Code_Point code points as ranges for a ``re`` character class (``\\u00ad\\u034f...``),
+    from the ``regex`` package's Unicode tables (Python's ``unicodedata`` does not carry the property)."""
+    import regex
+
+    every = "".join(map(chr, range(0x110000)))
+    ranges = [(m.start(), m.end() - 1) for m in regex.finditer(r"\p{Default_Ignorable_Code_Point}+", every)]
+    return "".join(_escaped(a) if a == b else f"{_escaped(a)}-{_escaped(b)}" for a, b in ranges)
+
+
+def _escaped(code: int) -> str:
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def validate_rows(
@@ -233,6 +272,9 @@ def _run_gx(
     ctx.add_data_docs_site(DOCS_SITE, {
         "class_name": "SiteBuilder",
         "show_how_to_buttons": False,
+        # the rows' text is escaped before GX writes it into the page (stored XSS otherwise: sft_core.data_docs)
+        "site_section_builders": {"validations": {"renderer": {"module_name": "sft_core.data_docs",
+                                                               "class_name": "EscapedValidationResultsPageRenderer"}}},
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     })
@@ -311,10 +353,30 @@ def _found(meta: dict[str, Any], value: Any) -> str:
     match = re.search(pattern, value) if pattern and isinstance(value, str) else None
     if match is None:
         return "?"
-    text = match.group(0)
-    if all(ch.isprintable() and not unicodedata.category(ch).startswith(("C", "Z")) for ch in text):
+    return shown(match.group(0))
+
+
+def shown(text: str, most: int = 8) -> str:
+    """`text` written so that invisible characters are named: `'</think>'`, `U+202E`, `'</think>' with U+200B
+    inside`, or for tag characters what they spell."""
+    def codes(chars: str, most: int = most) -> str:
+        return " ".join(f"U+{ord(ch):04X}" for ch in chars[:most]) + (" …" if len(chars) > most else "")
+
+    if all(ord(ch) in TAGS for ch in text):
+        spelled = "".join(chr(ord(ch) - TAGS.start) for ch in text if 0x20 <= ord(ch) - TAGS.start < 0x7F)
+        return f"Unicode tag characters spelling '{spelled}'" if spelled else f"Unicode tag characters {codes(text)}"
+    hidden = "".join(ch for ch in text if not _visible(ch))
+    if not hidden:
         return f"'{text}'"
-    return " ".join(f"U+{ord(ch):04X}" for ch in text)
+    visible = "".join(ch for ch in text if _visible(ch))
+    if not visible.strip():
+        return f"a run of {len(text)} variation selectors ({codes(text, 3)})" if len(text) > 1 and all(
+            unicodedata.name(ch, "").startswith("VARIATION SELECTOR") for ch in text) else codes(text)
+    return f"'{visible}' with {codes(hidden)} inside"
+
+
+def _visible(ch: str) -> bool:
+    return ch == " " or (ch.isprintable() and not unicodedata.category(ch).startswith(("C", "Z", "M")))
 
 
 def near_duplicates(rows: list[dict[str, Any]], numbers: list[int], skip: set[int] = frozenset(),

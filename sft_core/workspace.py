@@ -9,6 +9,13 @@ answer (`tasks.tracking.registered_folders`), so this module knows nothing of ML
 - damaged checkpoints moved aside by a resume (`damaged-checkpoint-N`) and half-done downloads;
 - orphaned partial folders (no `_DONE.json`, and no process holds their lock) of every stage but
   training, whose partial folder is where a crashed run resumes: those go only with `partial=True`.
+
+What counts as the project's (the rule): a folder is deleted only when it carries the marker
+`.qwen-sft-owned` (`sft_core.stages.OWNED`), which `run_in_folder` writes into every stage folder it
+creates and a model download into its partial folder; checkpoints go only from inside such a folder.
+A workdir where no stage folder carries it is not a workdir (`workdir=~` named the user's home, whose
+own `model/` and `split/` folders gc deleted): it is refused and nothing is deleted. Folders written
+before the marker existed are left alone (gc lists how many; delete them by hand if they are yours).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft_core.stages import DONE, STAGE_FOLDERS
+from sft_core.errors import ConfigError
+from sft_core.stages import DONE, OWNED, STAGE_FOLDERS
 
 
 @dataclass
@@ -25,6 +33,7 @@ class GcPlan:
     delete: list[Path] = field(default_factory=list)  # whole folders
     kept: list[Path] = field(default_factory=list)
     reasons: dict[Path, str] = field(default_factory=dict)
+    foreign: list[Path] = field(default_factory=list)  # folders without the marker: not the project's, never deleted
 
     def add(self, path: Path, reason: str) -> None:
         self.delete.append(path)
@@ -44,16 +53,31 @@ def _unlocked(folder: Path) -> bool:
     return True
 
 
+def owned(folder: Path) -> bool:
+    """The folder was written by this project (it carries the marker)."""
+    return (folder / OWNED).is_file()
+
+
+def require_workdir(workdir: Path) -> None:
+    """ConfigError (nothing touched) unless some stage folder of `workdir` carries the project's marker."""
+    if not any(owned(p) for stage in STAGE_FOLDERS if (workdir / stage).is_dir() for p in (workdir / stage).iterdir()):
+        raise ConfigError(f"{workdir} is not a qwen-sft workdir: none of its folders carries the {OWNED} marker "
+                          "that qwen-sft writes into each folder it creates, so gc deletes nothing there (check "
+                          "workdir, or --set workdir=...)")
+
+
 def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = False) -> GcPlan:
     if keep < 1:
         raise ValueError("--keep must be >= 1")
+    require_workdir(workdir)
     protected = {p.resolve() for p in protected}
     plan = GcPlan()
     for stage in STAGE_FOLDERS:
         root = workdir / stage
         if not root.is_dir():
             continue
-        folders = [p for p in root.iterdir() if p.is_dir()]
+        plan.foreign += [p for p in root.iterdir() if p.is_dir() and not owned(p)]
+        folders = [p for p in root.iterdir() if p.is_dir() and owned(p)]
         done = sorted((p for p in folders if (p / DONE).exists()), key=lambda p: (p / DONE).stat().st_mtime,
                       reverse=True)
         for i, folder in enumerate(done):
@@ -75,7 +99,8 @@ def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = F
     downloads = workdir / "downloads"
     if downloads.is_dir():
         for folder in downloads.glob("*.partial"):
-            plan.add(folder, "an unfinished download")
+            if owned(folder):
+                plan.add(folder, "an unfinished download")
     return plan
 
 
@@ -87,4 +112,5 @@ def gc(workdir: Path, keep: int, protected: set[Path], dry_run: bool = False, pa
         if not dry_run:
             shutil.rmtree(folder, ignore_errors=True)
     return {"deleted": [str(p) for p in plan.delete], "reasons": {str(k): v for k, v in plan.reasons.items()},
-            "kept": [str(p) for p in plan.kept], "bytes": freed, "dry_run": dry_run}
+            "kept": [str(p) for p in plan.kept], "foreign": [str(p) for p in plan.foreign], "bytes": freed,
+            "dry_run": dry_run}

@@ -49,24 +49,27 @@ def can_heal(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _training_extras(cfg: PipelineConfig, run_id: str | None) -> Iterator[dict[str, Any]]:
-    """The train stage's progress: each logged step to the Prefect log and to MLflow (buffered, outage-tolerant)."""
+def _training_extras(cfg: PipelineConfig, run_id: str | None, folder: str) -> Iterator[dict[str, Any]]:
+    """The train stage's progress: each logged step to the Prefect log and to MLflow (buffered, outage-tolerant,
+    a step once a checkpoint in `folder` holds it: a resumed run's steps are never the killed run's)."""
     logger = get_run_logger()
     mlflow_logger = None
     if run_id:
         from tasks.tracking import BufferedMetricLogger
 
-        mlflow_logger = BufferedMetricLogger(cfg, run_id)
+        mlflow_logger = BufferedMetricLogger(cfg, run_id, folder=folder)
 
     def sink(step: int, metrics: dict[str, float]) -> None:
         if mlflow_logger:
             mlflow_logger.log(step, metrics)
 
+    finished = False
     try:
         yield {"sink": sink, "log": logger.info}  # one progress line per logged step in the Prefect log
+        finished = True
     finally:
         if mlflow_logger:
-            left = mlflow_logger.close()
+            left = mlflow_logger.close(finished=finished)
             if left:
                 logger.warning("%d metric points could not reach MLflow yet; they are re-sent from metrics.jsonl", left)
 
@@ -80,7 +83,7 @@ def stage_task(name: str, cfg: PipelineConfig, inputs: dict[str, Any], folder: s
     """Run the stage `name` on `inputs` (results of earlier stages and plain values) into `folder`."""
     stage = STAGES[name]
     if name == "train":
-        extras = _training_extras(cfg, run_id)
+        extras = _training_extras(cfg, run_id, folder)
     elif name in PROGRESS_STAGES:  # one progress line per batch of answers in the Prefect log
         extras = contextlib.nullcontext({"log": get_run_logger().info})
     else:

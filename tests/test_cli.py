@@ -58,3 +58,24 @@ def test_predict_with_a_missing_model_is_one_clear_line(tmp_path: Path):
     result = runner.invoke(app, ["predict", "--model", str(tmp_path / "nope"), "q"])
     assert result.exit_code != 0
     assert "nope" in (result.stderr or result.output) and "Traceback" not in result.output
+
+
+def test_messages_keep_text_in_square_brackets(tmp_path, monkeypatch):
+    """Rich read `[eval]` as a style tag and dropped it: "pip install 'qwen-sft-pipeline[eval]'" printed without
+    its extra, and a path such as `rows [v2].jsonl` lost its brackets. Messages print as written."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` fails, as on an install without the extra
+    result = CliRunner().invoke(app, ["harness", "-c", "demo", "--set", f"workdir={tmp_path}"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "error: lm-evaluation-harness is not installed (pip install 'qwen-sft-pipeline[eval]' adds it): it is needed "
+        "here, or set eval.harness=false")
+    bad = tmp_path / "rows [v2].jsonl"
+    bad.write_text('{"question": "q", "think": "t", "answer": [1]}\n{oops\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["validate", str(bad), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 3 and f"error: {bad}: line 2: malformed JSON" in result.output, result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sft_core.config import PipelineConfig, load_config, redact
@@ -97,3 +99,22 @@ def test_flat_params_are_dotted_and_secrets_redacted():
 def test_missing_file_names_it():
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config("nope.yaml")
+
+
+def test_a_path_is_a_path_and_only_a_bare_name_is_a_preset(tmp_path, monkeypatch):
+    """`-c ./typo-dir/demo.yaml` silently ran the shipped preset of the same name. A path (a slash in it, or a
+    .yaml/.yml name) is read as a path and must exist; only a bare name means a shipped preset."""
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo)
+    assert load_config("configs/demo.yaml") == load_config("demo")  # README's and the Makefile's command, from the repo
+    monkeypatch.chdir(tmp_path)
+    for typo in ("./typo-dir/demo.yaml", "configs/demo.yaml", "demo.yaml", "demo.yml"):
+        with pytest.raises(ConfigError) as missing:
+            load_config(typo)
+        assert str(missing.value) == (f"config file '{typo}' not found (from {tmp_path}; a bare name is a shipped "
+                                      "preset: demo, qwen2.5-1.5b-medical)")
+    (tmp_path / "mine.yaml").write_text("name: mine\n", encoding="utf-8")
+    assert load_config("mine.yaml").name == "mine" and load_config("./mine.yaml").name == "mine"
+    assert load_config("demo").name == load_config(str(repo / "configs" / "demo.yaml")).name
+    with pytest.raises(ConfigError, match=r"^no preset named 'demoo' \(presets: demo, qwen2.5-1.5b-medical"):
+        load_config("demoo")

@@ -115,10 +115,23 @@ def test_sample_aliases_load_the_same_file():
 
 
 def test_good_fixtures_load_to_the_same_digest(sample):
-    digests = {p.suffix: dataset_digest(load_rows(str(p)).rows) for p in GOOD.iterdir()}
-    assert set(digests) == {".jsonl", ".json", ".csv", ".parquet"}
-    assert len(set(digests.values())) == 1
-    assert digests[".jsonl"] == dataset_digest(sample[:12])
+    digests = {p.name: dataset_digest(load_rows(str(p)).rows) for p in GOOD.iterdir()}
+    assert {Path(name).suffix for name in digests} == {".jsonl", ".json", ".csv", ".parquet"}
+    assert len(set(digests.values())) == 1, digests
+    assert digests["sample12.jsonl"] == dataset_digest(sample[:12])
+
+
+def test_a_csv_saved_by_excel_reads_as_the_same_rows_and_validates():
+    """Excel's CSV: a UTF-8 BOM, CRLF row ends, and CRLF inside the quoted multi-line fields; a CRLF there is a line
+    break, not a control character (every row was refused for U+000D)."""
+    from sft_core.validation import validate_rows
+
+    raw = (GOOD / "sample12_excel.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and raw.count(b"\r\n") > raw.count(b"\r\n\"") + 12, "an Excel file"
+    loaded = load_rows(str(GOOD / "sample12_excel.csv"))
+    want = load_rows(str(GOOD / "sample12.jsonl")).rows
+    assert [{c: r[c] for c in REQUIRED_COLUMNS} for r in loaded.rows] == [{c: r[c] for c in REQUIRED_COLUMNS} for r in want]
+    assert validate_rows(loaded.rows, source_name=loaded.location, data_docs=False, min_rows=1).success
 
 
 def test_csv_header_variants_and_row_numbers():
@@ -198,7 +211,7 @@ def test_csv_written_by_the_csv_module_round_trips(tmp_path: Path, sample):
         w.writeheader()
         w.writerows({"question": 'a, "quoted"', "think": "line1\r\nline2", "answer": "x,y"} for _ in range(1))
     row = load_rows(str(path)).rows[0]
-    assert row == {"question": 'a, "quoted"', "think": "line1\r\nline2", "answer": "x,y"}
+    assert row == {"question": 'a, "quoted"', "think": "line1\nline2", "answer": "x,y"}  # a CRLF in a field: a newline
 
 
 @pytest.mark.slow

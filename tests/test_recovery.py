@@ -61,7 +61,7 @@ def _one_of_each(c, registry: str) -> str:
 # --- 1. a damaged checkpoint -------------------------------------------------------------------
 
 def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
-    from sft_core.train import checkpoint_problem, last_checkpoint
+    from sft_core.checkpoints import checkpoint_problem, last_checkpoint, write_manifest
 
     out = tmp_path / "train"
     for step in (4, 8):
@@ -70,6 +70,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
         (ckpt / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+        write_manifest(ckpt)
     newest = out / "checkpoint-8" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:-7])  # a crash while saving, or a bad disk
     assert "truncated" in checkpoint_problem(out / "checkpoint-8")
@@ -79,6 +80,139 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path):
     assert "damaged" in warnings[0] and "checkpoint-8" in warnings[0]
     (out / "checkpoint-4" / "trainer_state.json").write_text("{")  # a 0-byte or cut state file
     assert last_checkpoint(out, warn=warnings.append) is None, "nothing whole: training starts over"
+
+
+@pytest.fixture(scope="module")
+def stopped_training(tmp_path_factory, tiny_model_dir):
+    """A training of 6 steps stopped after checkpoint-4 (checkpoints 2 and 4 on disk, each with its manifest)."""
+    from transformers import TrainerCallback
+
+    from sft_core.train import run_training
+    from tests.test_train import _cfg, _datasets, _short_rows
+
+    root = tmp_path_factory.mktemp("stopped")
+    data = _datasets(tiny_model_dir, _short_rows(8), root / "ds")
+    cfg = _cfg(per_device_train_batch_size=2, max_steps=6, save_steps=2, save_total_limit=5, learning_rate=1e-3)
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise KeyboardInterrupt  # as a kill would: the run stops after checkpoint-4
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=root / "train",
+                     extra_callbacks=[Stop()])
+    assert sorted(p.name for p in (root / "train").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return cfg, data, root / "train"
+
+
+def _overwrite_in_place(path: Path) -> None:
+    """Bytes of the tensor data changed, the size unchanged (a bad disk, a stray write): it reads as NaN."""
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: (c / "scheduler.pt").write_bytes((c / "scheduler.pt").read_bytes()[:300]), "scheduler.pt"),
+    (lambda c: (c / "rng_state.pth").write_bytes((c / "rng_state.pth").read_bytes()[:-200]), "rng_state.pth"),
+    (lambda c: _overwrite_in_place(c / "model.safetensors"), "model.safetensors: its"),
+    (lambda c: (c / "checksums.sha256").unlink(), "no checksums.sha256"),
+], ids=["truncated-scheduler", "truncated-rng-state", "weights-overwritten-in-place", "save-cut-before-manifest"])
+def test_any_damaged_file_of_the_newest_checkpoint_is_caught_and_training_resumes_before_it(
+        stopped_training, tiny_model_dir, tmp_path, damage, named):
+    """A truncated scheduler.pt or rng_state.pth failed every re-run with a traceback; weights overwritten in place
+    (same size) resumed silently into NaN. Every file is in the checksum manifest written at save: the damaged
+    checkpoint is set aside with its file named, and training resumes from the one before it."""
+    from sft_core.train import run_training
+
+    cfg, data, trained = stopped_training
+    out = tmp_path / "train"
+    shutil.copytree(trained, out)
+    damage(out / "checkpoint-4")
+    said: list[str] = []
+    result = run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=out,
+                          progress=said.append)
+    assert result.resumed_from == str(out / "checkpoint-2") and result.global_step == 6
+    warning = next(line for line in said if line.startswith("warning:"))
+    assert f"{out / 'checkpoint-4'} is damaged ({named}" in warning, warning
+    assert (out / "damaged-checkpoint-4").is_dir()
+    assert "resuming from checkpoint-2: the steps after 2 are trained again" in said
+
+
+def test_a_model_with_a_nan_eval_loss_or_nan_weights_is_never_registered(tiny_model_dir, tmp_path):
+    """The flow calls this before registering: a NaN model was registered @candidate."""
+    from safetensors.torch import load_file, save_file
+
+    from sft_core.checkpoints import check_registrable
+    from sft_core.errors import NonFiniteError
+
+    check_registrable(tiny_model_dir, {"eval/loss": 7.4})  # a model that computes numbers passes
+    with pytest.raises(NonFiniteError, match=r"^not registered: the fine-tuned model's eval/loss is nan"):
+        check_registrable(tiny_model_dir, {"eval/loss": float("nan")})
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=rf"^not registered: 1 weight tensors of .* hold NaN or infinity \({name}\)"):
+        check_registrable(broken, {"eval/loss": 7.4})
+
+
+def test_mlflow_gets_a_step_once_a_checkpoint_holds_it_so_a_resumed_run_never_keeps_the_killed_runs_values(tmp_path):
+    """MLflow keeps the first value of a step and cannot delete one: the killed run's values after its last checkpoint
+    stayed at the steps the resumed run trained again. Now only steps a whole checkpoint holds are sent while training
+    runs, a stopped training's later steps are dropped, and the resumed run's values are the ones kept."""
+    from sft_core.checkpoints import write_manifest
+    from tasks import tracking
+    from tasks.tracking import BufferedMetricLogger
+
+    cfg = load_config("demo", [f"workdir={tmp_path}"])
+    c = tracking.client(cfg)
+    run_id = c.create_run(tracking.ensure_experiment(cfg)).info.run_id
+    folder = tmp_path / "train"
+
+    def history() -> dict[int, float]:
+        return {m.step: m.value for m in c.get_metric_history(run_id, "train/loss")}
+
+    killed = BufferedMetricLogger(cfg, run_id, flush_every=0.2, folder=folder)
+    for step in range(1, 7):
+        killed.log(step, {"train/loss": 100.0 + step})
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    write_manifest(folder / "checkpoint-4")
+    deadline = time.monotonic() + 30
+    while len(history()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert killed.close(finished=False) == 0
+    assert history() == {1: 101.0, 2: 102.0, 3: 103.0, 4: 104.0}, "steps 5 and 6 waited for a checkpoint"
+    resumed = BufferedMetricLogger(cfg, run_id, flush_every=0.2, folder=folder)
+    for step in range(5, 9):
+        resumed.log(step, {"train/loss": 200.0 + step})
+    assert resumed.close() == 0
+    assert history() == {1: 101.0, 2: 102.0, 3: 103.0, 4: 104.0, 5: 205.0, 6: 206.0, 7: 207.0, 8: 208.0}
+
+
+@pytest.mark.slow
+def test_a_base_model_with_nan_weights_stops_at_the_first_step_and_registers_nothing(tmp_path, tiny_model_dir):
+    """The user's view: one line naming the step and what to do, exit 5, the MLflow run FAILED, no version."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights[next(k for k in weights if k.endswith("mlp.down_proj.weight"))].view(-1)[0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    overrides = [*FAST, f"workdir={tmp_path / 'work'}", f"model.source={broken}", "train.max_steps=6"]
+    done = _cli(["run", "-c", "demo", *_sets(overrides)], tmp_path)
+    assert done.returncode == 5, done.stdout[-2000:] + done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # Prefect logs its server's stop
+    assert len(said) == 1 and said[0].startswith("error: training loss is nan at step 1 in ") and "--refresh" in said[0]
+    assert "Traceback" not in done.stderr
+    c = _mlflow(tmp_path)
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"] and not c.search_registered_models()
 
 
 @pytest.mark.slow
@@ -115,6 +249,43 @@ def test_kill_9_then_a_truncated_newest_checkpoint_still_recovers_by_rerunning(t
     run_id = _one_of_each(_mlflow(tmp_path), "reliability-model")
     steps = sorted(m.step for m in _mlflow(tmp_path).get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, 41))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [False, True], ids=["sigterm-to-the-process", "sigterm-to-its-group"])
+def test_sigterm_during_training_ends_the_run_within_10_s_and_leaves_no_process(tmp_path, to_group):
+    """A scheduler stops `qwen-sft run` with SIGTERM, then SIGKILL after its grace period (often 30 s). The process
+    lingered for over 55 s (Prefect's clients retrying the temporary server the signal had stopped), or died at
+    once leaving that server running on its own. Now: out within 10 s, the run marked crashed, no process left."""
+    overrides = [*FAST, f"workdir={tmp_path / 'work'}", "train.max_steps=5000"]
+    proc = subprocess.Popen([str(BIN / "qwen-sft"), "run", "-c", "demo", *_sets(overrides)], cwd=tmp_path,
+                            env=child_env(PREFECT_HOME=str(tmp_path / "prefect-home")), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any((tmp_path / "work").glob("train/*/metrics.jsonl")):
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, "the run ended before training"
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM) if to_group else proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"exited {took:.1f} s after SIGTERM with {proc.returncode}")
+    assert took < 10 and proc.returncode == 143, out[-3000:]
+    assert out.rstrip().endswith("error: stopped by SIGTERM; run the same command again to resume from the last "
+                                 "checkpoint") or to_group, out[-2000:]
+    time.sleep(1)
+    left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    assert not left.strip(), f"left running: {left}"  # the temporary Prefect server too
+    if not to_group:  # the temporary server was there to hear it: the flow run is marked crashed, MLflow's failed
+        assert "Finished in state Crashed('Execution was aborted by a termination signal.')" in out
+        c = _mlflow(tmp_path)
+        assert [r.info.status for r in c.search_runs([e.experiment_id for e in c.search_experiments()])] == ["FAILED"]
 
 
 # --- 2. a half-built model, a half-done download -----------------------------------------------
@@ -228,7 +399,7 @@ def test_training_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_di
 
 
 def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(tmp_path):
-    from sft_core.stages import Evaluated, write_done
+    from sft_core.stages import OWNED, Evaluated, write_done
     from sft_core.workspace import gc
 
     finished = tmp_path / "train" / "done"
@@ -245,6 +416,8 @@ def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(
     (orphan / "valid.jsonl").write_bytes(b"0" * 3000)
     partial_download = tmp_path / "downloads" / "m-v1.partial"
     partial_download.mkdir(parents=True)
+    for folder in (finished, crashed, orphan, partial_download):  # as the project marks the folders it writes
+        (folder / OWNED).touch()
 
     result = gc(tmp_path, keep=1, protected={finished})  # `gc --keep 1` freed nothing before
     assert not (finished / "checkpoint-4").exists() and (finished / "final" / "model.safetensors").exists()
@@ -300,6 +473,11 @@ def test_a_tracking_uri_with_credentials_works_and_its_password_never_shows(tmp_
         refused = _cli(["run", "-c", "demo", *_sets([*overrides[:-2], f"tracking.uri={wrong}"])], tmp_path, env=env)
         assert refused.returncode == 6 and "refused the credentials" in refused.stderr
         assert "wrong-password" not in refused.stderr and f"{srv.username}:***@" in refused.stderr
+        for command in ("promote", "rollback"):  # they said "has no alias @candidate" (exit 7)
+            refused = _cli([command, "-c", "demo", "--set", f"tracking.uri={wrong}", "--set", "registry.name=auth-model"],
+                           tmp_path, env=env, timeout=120)
+            assert refused.returncode == 6 and "refused the credentials" in refused.stderr, refused.stderr[-2000:]
+            assert "wrong-password" not in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_messages_redact_every_uri_password():
@@ -332,15 +510,17 @@ def test_a_pinned_hub_revision_parses():
 # --- 6. no retry of what cannot heal -----------------------------------------------------------------
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_an_unreadable_file_in_the_flow_is_not_retried(tmp_path):
+@pytest.mark.parametrize("name, says", [("malformed_line.jsonl", "line 3: malformed JSON"),
+                                        ("binary_column.parquet", "column 'answer' has the Parquet type binary")])
+def test_an_unreadable_file_in_the_flow_is_not_retried(tmp_path, name, says):
     """Retries are for the network: a file that cannot be read fails at once, one attempt (it was retried after
-    10 s and 60 s: ~70 s and three tracebacks)."""
+    10 s and 60 s: ~70 s and three tracebacks; a binary Parquet column was a TypeError, retried the same way)."""
     from flows.finetune import finetune
     from sft_core.errors import DataFormatError
 
-    bad = REPO / "tests" / "data" / "bad" / "malformed_line.jsonl"
+    bad = REPO / "tests" / "data" / "bad" / name
     started = time.perf_counter()
-    with pytest.raises(DataFormatError, match="line 3: malformed JSON"):
+    with pytest.raises(DataFormatError, match=says):
         finetune(config="demo", overrides=[*FAST, f"workdir={tmp_path / 'w'}", f"data.source={bad}"])
     assert time.perf_counter() - started < 9, "an unreadable file was retried"
 

@@ -103,6 +103,35 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path: Path):
     assert not (tmp_path / "ingest").exists()
 
 
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_promote_and_rollback_check_the_tracking_server_as_run_does(command: str, tmp_path: Path):
+    """A down server made `promote` say "has no alias @candidate" (exit 7) after MLflow's retries: it gets `run`'s
+    reachability and credential check first (exit 6, in seconds)."""
+    port = free_port()
+    started = time.perf_counter()
+    result = runner.invoke(app, [command, "--config", "demo", "--set", f"workdir={tmp_path}",
+                                 "--set", f"tracking.uri=http://127.0.0.1:{port}"])
+    assert result.exit_code == 6, result.output
+    assert _error_line(result).startswith(f"error: MLflow tracking server http://127.0.0.1:{port} is unreachable")
+    assert time.perf_counter() - started < 15
+
+
+def test_a_file_tracking_store_fails_in_seconds_with_one_line(tmp_path: Path, monkeypatch):
+    """MLflow 3 refuses its file store: the run failed after ~59 s with a 200-line traceback from inside the flow."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    started = time.perf_counter()
+    result = runner.invoke(app, ["run", "--config", "demo", "--set", f"workdir={tmp_path}",
+                                 "--set", f"tracking.uri=file://{tmp_path / 'mlruns'}"])
+    elapsed = time.perf_counter() - started
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: tracking.uri=file://{tmp_path / 'mlruns'} is an MLflow file store, which MLflow 3 refuses "
+        "(maintenance mode): use a database file, e.g. sqlite:////absolute/path/mlflow.db, or unset it for the "
+        "embedded store in the workdir (MLFLOW_ALLOW_FILE_STORE=true forces the file store)"]
+    assert elapsed < 15, elapsed
+    assert not (tmp_path / "ingest").exists()
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
     from mlflow import MlflowClient
@@ -171,6 +200,14 @@ def test_kill_9_during_training_then_rerun_resumes_the_same_run(tmp_path: Path):
     steps = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss"))
     assert steps == list(range(1, 41)), "every step once: the steps trained again after the checkpoint are not doubled"
     assert len(c.search_model_versions("name = 'reliability-model'")) == 1
+    assert f"resuming from {Path(done['resumed_from']).name}" in result.stdout + result.stderr
+    # what MLflow keeps at every step is the resumed run's value, as in metrics.jsonl (never the killed run's)
+    from sft_core.train import read_metrics
+
+    for key in ("train/loss", "train/tokens_per_second"):
+        written = {r["step"]: r[key] for r in read_metrics(train_dir / "metrics.jsonl") if key in r}
+        kept = {m.step: m.value for m in c.get_metric_history(runs[0].info.run_id, key)}
+        assert kept == pytest.approx(written), key
 
 
 def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
@@ -277,7 +314,7 @@ def test_different_configs_get_different_folders():
 # --- 5. gc ----------------------------------------------------------------------------------
 
 def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
-    from sft_core.stages import Evaluated, write_done
+    from sft_core.stages import OWNED, Evaluated, write_done
     from sft_core.workspace import gc
     from tasks import tracking
 
@@ -286,12 +323,14 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     for i in range(4):
         f = tmp_path / "train" / f"key{i}"
         f.mkdir(parents=True)
+        (f / OWNED).touch()  # as run_in_folder marks every stage folder
         (f / "weights.bin").write_bytes(b"0" * 1000)
         write_done(f, Evaluated(key=f"key{i}", folder=str(f), metrics={"i": i}))
         os.utime(f / "_DONE.json", (1000 + i, 1000 + i))
         folders.append(f)
     unfinished = tmp_path / "train" / "crashed"
     (unfinished / "checkpoint-5").mkdir(parents=True)
+    (unfinished / OWNED).touch()
     # the oldest folder is where a registered version came from
     c = tracking.client(cfg)
     run = c.create_run(tracking.ensure_experiment(cfg), tags={"qwen_sft.logged.train": f"{folders[0]}:123"})
@@ -304,6 +343,38 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     assert folders[3].exists() and not folders[1].exists() and not folders[2].exists()
     assert unfinished.exists(), "an unfinished (resumable) folder was deleted"
     assert result["bytes"] >= 2000
+
+
+def test_gc_deletes_only_what_qwen_sft_wrote_and_refuses_a_folder_that_is_no_workdir(tmp_path: Path):
+    """`gc --keep 1 --set workdir=~` deleted the user's own ~/model/..., ~/ingest/..., ~/split/... as "left by a run
+    that stopped". gc deletes only folders carrying the marker run_in_folder writes, and refuses a workdir with
+    none (exit 2: nothing deleted, no MLflow store created there)."""
+    from sft_core.stages import Evaluated, run_in_folder
+
+    home = tmp_path / "home"
+    mine = [home / "model" / "mine", home / "ingest" / "photos", home / "split" / "taxes", home / "downloads" / "x.partial"]
+    for folder in mine:
+        folder.mkdir(parents=True)
+        (folder / "precious.txt").write_text("the user's")
+    refused = runner.invoke(app, ["gc", "--keep", "1", "-c", "demo", "--set", f"workdir={home}"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.output.strip().splitlines()[-1] == (
+        f"error: {home} is not a qwen-sft workdir: none of its folders carries the .qwen-sft-owned marker that "
+        "qwen-sft writes into each folder it creates, so gc deletes nothing there (check workdir, or --set "
+        "workdir=...)")
+    assert all((f / "precious.txt").exists() for f in mine) and not (home / "mlflow.db").exists()
+
+    made = []
+    for i in range(2):  # two finished split folders written by the project: gc --keep 1 deletes the older
+        folder = home / "split" / f"key{i}"
+        run_in_folder(folder, lambda f, i=i: Evaluated(key=f"key{i}", folder=str(f), metrics={}), Evaluated)
+        os.utime(folder / "_DONE.json", (1000 + i, 1000 + i))
+        made.append(folder)
+    done = runner.invoke(app, ["gc", "--keep", "1", "-c", "demo", "--set", f"workdir={home}"])
+    assert done.exit_code == 0, done.output
+    assert not made[0].exists() and made[1].exists()
+    assert all((f / "precious.txt").exists() for f in mine), "only what qwen-sft wrote goes"
+    assert "left 3 folders that qwen-sft did not write" in done.output
 
 
 def test_checkpoints_rotate_and_the_selected_one_survives(tmp_path: Path, tiny_model_dir: Path):
@@ -389,3 +460,53 @@ def test_an_unreadable_file_fails_in_seconds_before_prefect_starts(tmp_path: Pat
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "a stage ran"
     assert not home.exists() or not any(home.rglob("*.db")), "Prefect's server started before the file was read"
     assert elapsed < 30
+
+
+def test_a_fifo_as_data_source_is_refused_at_once_by_validate_and_run(tmp_path: Path):
+    """A named pipe is not a file: reading it blocked `validate` until killed, and `run` called it "no such file".
+    Both now refuse it before opening it, with the same line and exit 3."""
+    import subprocess
+
+    from tests.servers import BIN, child_env
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    env = child_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    lines = []
+    for args in (["validate", str(fifo), "--out", str(tmp_path / "out")], ["run", "--set", f"data.source={fifo}"]):
+        done = subprocess.run([str(BIN / "qwen-sft"), *args, "-c", "demo", "--set", f"workdir={tmp_path / 'work'}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 3, done.stderr[-2000:]
+        lines.append(done.stderr.strip().splitlines()[-1])
+    assert lines[0] == lines[1] == f"error: {fifo}: is a named pipe (FIFO), not a file; data.source must name a " \
+                                   ".jsonl, .ndjson, .json, .parquet, .csv file", lines
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_an_install_without_the_eval_extra_and_says_it_skipped_lm_eval(tmp_path: Path):
+    """The demo preset (eval.harness: true) failed outright on a plain install of the wheel, which has no
+    lm-evaluation-harness. The run goes on, with one line that names the extra, and registers its candidate.
+    lm-eval is made unimportable for this run only, as a plain install has it: a package of that name earlier on
+    the path whose import fails as a missing module's does (the environment itself keeps lm-eval)."""
+    import subprocess
+
+    from tests.servers import BIN, child_env
+
+    shadow = tmp_path / "no-eval-extra" / "lm_eval"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'lm_eval\'", name="lm_eval")\n')
+    probe = subprocess.run([str(BIN / "python"), "-c", "import lm_eval"], capture_output=True, text=True,
+                           env=child_env(PYTHONPATH=str(shadow.parent)))
+    assert probe.returncode == 1 and "No module named 'lm_eval'" in probe.stderr, "the run below has no lm-eval"
+    sets = [x for o in [*FAST, "train.max_steps=4", f"workdir={tmp_path / 'work'}", "eval.harness=true"]
+            for x in ("--set", o)]
+    done = subprocess.run([str(BIN / "qwen-sft"), "run", "-c", "demo", *sets], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900,
+                          env=child_env(PYTHONPATH=str(shadow.parent), PREFECT_HOME=str(tmp_path / "prefect-home")))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    said = [line for line in out.splitlines() if "lm-evaluation-harness is not installed" in line]
+    assert len(said) == 1 and said[0].endswith("lm-evaluation-harness is not installed (pip install "
+                                               "'qwen-sft-pipeline[eval]' adds it): eval.harness is skipped, the "
+                                               "rest of the run goes on"), said
+    assert "version 1 as @candidate" in done.stdout and "harness/" not in done.stdout

@@ -72,3 +72,33 @@ def test_each_set_keeps_a_question_when_there_are_two_and_none_without_selection
     assert [len(s) for s in assign_validation(rows[:2], 0.1)] == [1, 1]
     assert [len(s) for s in assign_validation(rows, 0.9)] == [2, 1]
     assert [len(s) for s in assign_validation(rows, 0.0)] == [0, 3], "no selection: every question reports"
+
+
+def test_an_empty_split_says_so_and_what_to_do(tmp_path):
+    """Every row hashed into train, or one row with data.min_rows=1, failed later on "val.jsonl: file is empty
+    (0 bytes)" (exit 3). The split stage says which side is empty, the counts and what to do: exit 4."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from sft_core.split import hash_bucket
+
+    rows = [r for r in _bundled() if hash_bucket(r["question"]) < 0.9][:3]  # all three on the training side
+    source = tmp_path / "three.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    said = {}
+    for name, data, method in (("hash", source, "hash"), ("one", one, "shuffle")):
+        result = CliRunner().invoke(app, ["prepare", "--out", str(tmp_path / name), "-c", "demo",
+                                          "--set", f"workdir={tmp_path / 'work'}", "--set", f"data.source={data}",
+                                          "--set", "data.min_rows=1", "--set", f"data.split_method={method}"])
+        assert result.exit_code == 4, result.output
+        said[name] = result.output.strip().splitlines()[-1]
+    assert said["hash"] == (
+        "error: the validation split is empty: the hash split of 3 rows (data.train_fraction=0.9) put 3 in training "
+        "and 0 in validation, and a run needs both; add rows (or set data.split_method=shuffle, which keeps a share "
+        "of every dataset for validation)")
+    assert said["one"] == (
+        "error: the training split is empty: the shuffle split of 1 row (data.train_fraction=0.9) put 0 in training "
+        "and 1 in validation, and a run needs both; add rows (at least 2 rows with data.train_fraction=0.9, or raise "
+        "it)")

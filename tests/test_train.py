@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,64 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
     assert worst <= 1e-6, f"resumed weights differ by {worst}"
     base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert any(not torch.equal(a[k], base[k]) for k in a), "training changed nothing"
+
+
+def _losses(metrics_file: str | Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, Path(metrics_file).read_text().splitlines())
+            if "train/loss" in r}
+
+
+def test_resume_inside_epoch_2_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """Length-grouped batches drew each epoch's order from the global RNG as it stood when the epoch began: after
+    a resume inside epoch 2 the order, and so every loss after it, differed (inside epoch 1 they matched). Each
+    epoch's order is now a function of (seed, epoch): the resumed run logs the uninterrupted run's losses."""
+    from transformers import TrainerCallback
+
+    from sft_core.train import run_training
+
+    data = _datasets(tiny_model_dir, _short_rows(16), tmp_path / "ds")  # 4 optimizer steps per epoch
+    cfg = _cfg(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=10, save_steps=2,
+               save_total_limit=5, learning_rate=1e-3, group_by_length=True)
+    straight = run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=tmp_path / "a")
+
+    class CrashInEpoch2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 6:
+                raise _Crash("simulated kill after checkpoint-6, in the middle of epoch 2")
+
+    with pytest.raises(_Crash):
+        run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=tmp_path / "b",
+                     extra_callbacks=[CrashInEpoch2()])
+    said: list[str] = []
+    resumed = run_training(cfg, model_dir=tiny_model_dir, train_data=data, eval_data=None, output_dir=tmp_path / "b",
+                           progress=said.append)
+    assert _losses(resumed.metrics_file) == _losses(straight.metrics_file), "the same loss at every step"
+    assert resumed.resumed_from.endswith("checkpoint-6")
+    assert "resuming from checkpoint-6: the steps after 6 are trained again" in said
+    assert sorted(_losses(resumed.metrics_file)) == list(range(1, 11))
+
+
+def test_a_non_finite_loss_stops_training_and_is_never_shown_as_0(tmp_path, tiny_model_dir):
+    """A model whose weights hold NaN trained on silently, its loss logged as 0 (the Trainer's NaN filter): now the
+    first non-finite loss stops training with what to do (exit 5)."""
+    from safetensors.torch import load_file, save_file
+
+    from sft_core.errors import NonFiniteError
+    from sft_core.train import run_training
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    data = _datasets(broken, _short_rows(8), tmp_path / "ds")
+    with pytest.raises(NonFiniteError) as stopped:
+        run_training(_cfg(per_device_train_batch_size=2, max_steps=4), model_dir=broken, train_data=data,
+                     eval_data=None, output_dir=tmp_path / "out")
+    assert str(stopped.value).startswith("training loss is nan at step 1 in ") and stopped.value.exit_code == 5
+    logged = tmp_path / "out" / "metrics.jsonl"
+    assert 0.0 not in (_losses(logged) if logged.exists() else {}).values()
 
 
 def test_cpu_and_gpu_defaults_for_batching_and_loss_chunks():

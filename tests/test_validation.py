@@ -225,3 +225,87 @@ def test_near_duplicate_questions_are_a_warning_with_their_rows(sample):
     assert result.warnings == ["rows 3, 10: column 'question' is nearly the same text (ignoring spaces, punctuation "
                                "and case)"]
     assert result.report["warnings"] == result.warnings
+
+
+def test_invisible_means_default_ignorable_and_ordinary_invisible_characters_pass(sample):
+    """The rule of `sft_core.validation`: blank and think-tag checks look through every Default_Ignorable_Code_Point
+    (Unicode's property, from the `regex` package's tables, not a hand-made list); hidden text is refused; one
+    joiner, selector or soft hyphen inside real text is ordinary text."""
+    import re
+
+    import regex
+
+    from sft_core.validation import default_ignorable
+
+    ignorable = re.compile(f"[{default_ignorable()}]")
+    for code in range(0x110000):
+        assert bool(ignorable.match(chr(code))) == bool(regex.match(r"\p{Default_Ignorable_Code_Point}", chr(code)))
+    rows = [dict(r) for r in sample.rows[:12]]
+    rows[0]["answer"] += " 👨\u200d👩\u200d👧 ❤\ufe0f"  # an emoji ZWJ sequence, one variation selector
+    rows[1]["think"] += " می\u200cخواهم"  # a ZWNJ inside a Persian word
+    rows[2]["question"] += " Ge\u00adsund\u00adheit 葛\U000e0100"  # soft hyphens; one ideographic variation selector
+    assert validate_rows(rows, source_name="x", data_docs=False).success
+
+
+# -- what a person opens: the report page and the Data Docs ----------------------------------------
+
+
+def _chromium(page: Path, profile: Path) -> str:
+    """`page` loaded in headless Chromium (its scripts run, events fire within 3 s of virtual time): the DOM."""
+    import subprocess
+
+    done = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=3000",
+         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_row_text_in_the_data_docs_and_the_report_page_never_runs_as_a_script(sample, tmp_path: Path):
+    """Stored XSS: a row's `<script>` or `<img onerror>` was written raw into a <td> of the Data Docs (logged to
+    MLflow for anyone to open). Each page is opened in headless Chromium; a script that ran would change the title
+    or request a URL from a listener here. A control page with the raw payload proves that the check can see one."""
+    import shutil
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.conftest import require
+
+    require(shutil.which("chromium") is not None, "chromium (Debian: apt-get install -y chromium)")
+    hits: list[str] = []
+
+    class Listener(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            hits.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    beacon = f"http://127.0.0.1:{server.server_port}"
+    try:
+        rows = [dict(r) for r in sample.rows[:12]]
+        rows[2]["answer"] = f"<script>document.title='XSS';fetch('{beacon}/script')</script><think>" + rows[2]["answer"]
+        rows[4]["think"] = f"<img src=x onerror=\"document.title='XSS';new Image().src='{beacon}/img'\">\x01"
+        rows[6]["question"] = f"<svg onload=\"new Image().src='{beacon}/svg'\"></svg><think>"
+        result = validate_rows(rows, source_name="hostile.jsonl", policy="quarantine", out_dir=tmp_path / "v",
+                               min_rows=1)
+        assert [b["row"] for b in result.bad_rows] == [3, 5, 7]
+        (docs_page,) = (result.docs_path.parent / "validations").rglob("*.html")
+        control = tmp_path / "control.html"
+        control.write_text(f"<html><head><title>page</title></head><body><td>{rows[2]['answer'][:120]}</td>"
+                           f"<td>{rows[4]['think']}</td></body></html>", encoding="utf-8")
+        assert "<title>XSS</title>" in _chromium(control, tmp_path / "profile"), "the check sees a script run"
+        assert sorted(hits) == ["/img", "/script"], hits
+        hits.clear()
+        for page in (docs_page, result.docs_path, result.report_path.parent / "validation_report.html"):
+            dom = _chromium(page, tmp_path / "profile")
+            assert "<title>XSS</title>" not in dom and not hits, (page, hits)
+        assert "&lt;script&gt;document.title='XSS'" in _chromium(docs_page, tmp_path / "profile").replace("&#39;", "'"), \
+            "the row's text is shown, as text"
+    finally:
+        server.shutdown()

@@ -19,6 +19,7 @@ from sft_core.config import PipelineConfig, redact_uri
 from sft_core.errors import PromotionError, TrackingError
 from sft_core.gate import Decision
 from sft_core.metrics import is_bound, shown
+from sft_core.stages import OWNED
 from tasks.tracking.store import client, tracking_uri
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
@@ -379,6 +380,7 @@ def download_model(uri: str, cfg: PipelineConfig) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(dest, ignore_errors=True)
             partial.mkdir()
+            (partial / OWNED).touch()  # `qwen-sft gc` may delete it if the download never completes
             try:
                 mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(partial))
             except Exception as exc:

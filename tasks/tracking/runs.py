@@ -282,11 +282,20 @@ class BufferedMetricLogger:
 
     `log()` never raises and never blocks training; `close()` flushes what is left (with
     retries up to `flush_timeout` seconds) and reports how many points could not be sent.
+
+    With `folder` (the training's), a step is sent once a whole checkpoint holds it (one with its checksum
+    manifest, `sft_core.checkpoints`), or when training ends: MLflow keeps the first value of a step and
+    cannot delete one, so a step a killed run logged after its last checkpoint would keep that run's value
+    when the resumed run trains it again. `close(finished=False)` (training failed or was stopped) drops the
+    steps after the newest checkpoint: the resumed run logs them. The terminal and the Prefect log show every
+    step as it comes; the MLflow charts follow checkpoint by checkpoint.
     """
 
-    def __init__(self, cfg: PipelineConfig, run_id: str, flush_every: float = 2.0, flush_timeout: float = 120.0):
+    def __init__(self, cfg: PipelineConfig, run_id: str, flush_every: float = 2.0, flush_timeout: float = 120.0,
+                 folder: str | Path | None = None):
         self.cfg, self.run_id = cfg, run_id
         self.flush_every, self.flush_timeout = flush_every, flush_timeout
+        self.folder = Path(folder) if folder is not None else None
         self._queue: list = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -296,17 +305,24 @@ class BufferedMetricLogger:
         self._thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Queue `metrics` at `step`; a step the run already has for a key (a resumed training logs the steps after
-        its checkpoint again) is not sent twice."""
+        """Queue `metrics` at `step`; a step the run already has for a key is not sent twice."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         with self._lock:
             self._queue.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
 
-    def _flush(self) -> bool:
+    def _final_step(self) -> float:
+        """The last step whose points are final: all of them without a folder, else the newest whole checkpoint's."""
+        from sft_core.checkpoints import newest_whole_step
+
+        return float("inf") if self.folder is None else newest_whole_step(self.folder)
+
+    def _flush(self, upto: float | None = None) -> bool:
+        upto = self._final_step() if upto is None else upto
         with self._lock:
-            batch, self._queue = self._queue, []
+            batch = [m for m in self._queue if m.step <= upto]
+            self._queue = [m for m in self._queue if m.step > upto]
         if not batch:
             return True
         try:
@@ -330,11 +346,15 @@ class BufferedMetricLogger:
         while not self._stop.wait(self.flush_every):
             self._flush()
 
-    def close(self) -> int:
+    def close(self, finished: bool = True) -> int:
+        """Send what is final (everything when training `finished`); the number of points that could not be sent."""
         self._stop.set()
         self._thread.join(timeout=30)
+        upto = float("inf") if finished else self._final_step()
+        with self._lock:  # a stopped training's steps after its newest checkpoint are trained and logged again
+            self._queue = [m for m in self._queue if m.step <= upto]
         deadline = time.monotonic() + self.flush_timeout
-        while not self._flush() and time.monotonic() < deadline:
+        while not self._flush(upto) and time.monotonic() < deadline:
             time.sleep(2.0)
         with self._lock:
             return len(self._queue)

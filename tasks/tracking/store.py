@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig, redact_uri
-from sft_core.errors import TrackingError
+from sft_core.config import PipelineConfig, credentials_problem, redact_uri
+from sft_core.errors import ConfigError, TrackingError
 from sft_core.process import user_environment
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,12 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     """The one place the store is decided: `tracking.uri` (a preset or `--set`), else `MLFLOW_TRACKING_URI` as the
     user set it where the flow runs (a worker's; not the value `mlflow.set_tracking_uri` writes back into the
     environment), else the embedded SQLite store in the workdir."""
-    return (cfg.tracking.uri or user_environment("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}")
+    uri = (cfg.tracking.uri or user_environment("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{cfg.workdir_path / 'mlflow.db'}")
+    problem = credentials_problem(uri)
+    if problem:  # a URL parser would send part of the password as the host, path or fragment (and print it)
+        raise ConfigError(f"{'tracking.uri' if cfg.tracking.uri else 'MLFLOW_TRACKING_URI'} {problem}")
+    return uri
 
 
 def artifact_root(cfg: PipelineConfig) -> str | None:
@@ -166,5 +170,20 @@ def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
                 "start it (mlflow/server.sh) or unset tracking.uri / MLFLOW_TRACKING_URI for the embedded store"
             ) from None
     else:
+        _refuse_file_store(cfg, uri)
         cfg.workdir_path.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def _refuse_file_store(cfg: PipelineConfig, uri: str) -> None:
+    """MLflow 3 refuses its file store (`file:///...`, a plain path) unless MLFLOW_ALLOW_FILE_STORE=true: say so at
+    once, not a minute later in a traceback from the first MLflow call inside the flow."""
+    from urllib.parse import urlsplit
+
+    forced = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")  # as MLflow reads it
+    if urlsplit(uri).scheme.lower() not in ("", "file") or forced:
+        return
+    setting = "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
+    raise ConfigError(f"{setting}={redact_uri(uri)} is an MLflow file store, which MLflow 3 refuses (maintenance "
+                      "mode): use a database file, e.g. sqlite:////absolute/path/mlflow.db, or unset it for the "
+                      "embedded store in the workdir (MLFLOW_ALLOW_FILE_STORE=true forces the file store)")
