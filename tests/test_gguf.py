@@ -168,11 +168,16 @@ def test_a_gguf_whose_tokenizer_has_no_im_end_is_one_line_exit_5(tmp_path):
 
 
 def test_a_missing_or_foreign_gguf_fails_before_any_work(tmp_path):
+    """What a clean clone sees when it runs the preset before fetching the sample: the command to type."""
     from sft_core.preflight import check_sources
 
-    missing = load_config("demo", ["model.source=gguf://nowhere/SmolLM2-135M-Instruct.Q4_1.gguf"])
-    with pytest.raises(ConfigError, match="no such file .*qwen-sft fetch-sample-model"):
-        check_sources(missing)
+    missing = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    result = runner.invoke(app, ["run", "-c", "pretrained-demo", "--set", f"workdir={tmp_path / 'w'}",
+                                 "--set", f"model.source=gguf://{missing}"])
+    assert result.exit_code == 2, result.output
+    line = _last_line(result)
+    assert line.startswith("error: model.source=") and "no such file" in line and "qwen-sft fetch-sample-model" in line
+    assert not (tmp_path / "w").exists(), "nothing was started"
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ConfigError, match="is not a GGUF file"):
