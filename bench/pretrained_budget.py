@@ -52,6 +52,14 @@ def main() -> None:
     from sft_core.process import configure_process
 
     configure_process()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="pretrained-budget-") as tmp:  # the converted model and checkpoints
+        measure(Path(tmp), args)
+
+
+def measure(work: Path, args: argparse.Namespace) -> None:
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -64,8 +72,6 @@ def main() -> None:
     from sft_core.stages import generation_budget, prepare_data
     from sft_core.train import run_training
 
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="pretrained-budget-"))
     cfg = load_config("pretrained-demo", [f"workdir={work}", *args.overrides])
     print(machine_info())
     wall = time.perf_counter()

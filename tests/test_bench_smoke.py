@@ -85,3 +85,16 @@ def test_pipeline_tiny():
     # over a minute: Prefect's ephemeral server start alone is 15-60 s on 2 shared cores
     line = last_line(run_bench("pipeline.py", "--tiny", "--repeats", "1", timeout=900))
     assert re.fullmatch(r"pipeline cached/first [\d.]+%  overhead -?[\d.]+ s", line)
+
+
+def test_pretrained_budget_tiny(tmp_path):
+    """The budget of a pretrained-demo run, measured on a tiny GGUF instead of SmolLM2 (no download)."""
+    from tests.tiny_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", vocab_size=512)
+    proc = run_bench("pretrained_budget.py", "--set", f"model.source=gguf://{tmp_path / 'tiny.gguf'}",
+                     "--gen-lengths", "1,4,8")
+    line = last_line(proc)
+    assert line.startswith("RESULT ")
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["steps"] == 29 and result["train_step_cpu_s"] > 0 and result["budget"] > 0
