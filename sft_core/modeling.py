@@ -1,8 +1,8 @@
 """Resolve, download and load the base model; make it stop where the fine-tune ends.
 
 Sources (`sft_core.sources`): ``modelscope://Qwen/Qwen2.5-1.5B`` (real ``snapshot_download``),
-``hf://owner/name``, a local folder, or ``tiny://`` (a random-weight Qwen2 built here, for CPU
-demos and tests).
+``hf://owner/name``, a local folder, a local ``.gguf`` file (converted to a folder: `sft_core.gguf`),
+or ``tiny://`` (a random-weight Qwen2 built here, for CPU demos and tests).
 Weights load as safetensors only and ``trust_remote_code`` stays off unless configured.
 """
 
@@ -41,8 +41,8 @@ def resolve_dtype(dtype: str, device: str):
 def fetch_base_model(cfg: ModelConfig, folder: Path, workdir: Path) -> Path:
     """A local folder holding config + safetensors + tokenizer for `cfg.source`.
 
-    `tiny://` is built into `folder`; hub sources download into the shared cache
-    (`model.cache_dir`, default `<workdir>/models/cache`: resumable, shared by every run);
+    `tiny://` is built into `folder`, a GGUF file converted into it; hub sources download into the shared
+    cache (`model.cache_dir`, default `<workdir>/models/cache`: resumable, shared by every run);
     a local folder is used where it is.
     """
     src = parse_model_source(cfg.source, revision=cfg.revision)
@@ -50,6 +50,10 @@ def fetch_base_model(cfg: ModelConfig, folder: Path, workdir: Path) -> Path:
         from sft_core.tiny_model import build_tiny_model
 
         return build_tiny_model(folder, cfg.tiny)
+    if src.kind == "gguf":
+        from sft_core.gguf import convert_gguf
+
+        return convert_gguf(src.path, folder)
     cache_dir = cfg.cache_dir or str(workdir / "models" / "cache")
     if src.kind == "modelscope":
         return _download_modelscope(src.repo_id, src.revision, cache_dir)

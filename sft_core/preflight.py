@@ -42,6 +42,15 @@ def check_sources(cfg: PipelineConfig) -> None:
     if model.kind == "local" and not (model.path / "config.json").is_file():
         raise ConfigError(f"model.source='{cfg.model.source}': no model folder there "
                           f"(expected {model.path / 'config.json'})")
+    if model.kind == "gguf":
+        from sft_core.gguf import is_gguf
+        from sft_core.sample_model import SMOLLM2
+
+        if not model.path.is_file():
+            hint = " (fetch it with `qwen-sft fetch-sample-model`)" if model.path.name == SMOLLM2.file_name else ""
+            raise ConfigError(f"model.source='{cfg.model.source}': no such file {model.path}{hint}")
+        if not is_gguf(model.path):
+            raise ConfigError(f"model.source='{cfg.model.source}': {model.path} is not a GGUF file")
 
 
 def check_readable(cfg: PipelineConfig) -> None:

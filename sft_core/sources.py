@@ -3,8 +3,9 @@
 Data (`data.source`): ``modelscope://owner/name``, ``hf://owner/name``, ``sample`` /
 ``bundled://sample`` (the sample shipped in the package), a local file (plain path or
 ``file://``). Models (`model.source`): ``modelscope://owner/name``, ``hf://owner/name``,
-``tiny://`` (a random-weight Qwen2 built here), a local folder. A hub id is ``owner/name``,
-optionally ``@revision``; it is validated here and never read as a local path.
+``tiny://`` (a random-weight Qwen2 built here), a local folder, a local ``.gguf`` file (a path, or
+``gguf:///abs/file.gguf`` / ``gguf://relative/file.gguf``; converted by the base-model stage). A hub
+id is ``owner/name``, optionally ``@revision``; it is validated here and never read as a local path.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ BUNDLED_ALIASES = ("sample", "bundled://sample")
 
 @dataclass(frozen=True)
 class Source:
-    """A parsed source: a hub repo (`repo_id`, `revision`), a local `path`, the bundled sample, or a tiny model."""
+    """A parsed source: a hub repo (`repo_id`, `revision`), a local `path` (a GGUF file's too), the bundled sample,
+    or a tiny model."""
 
-    kind: Literal["modelscope", "hf", "local", "bundled", "tiny"]
+    kind: Literal["modelscope", "hf", "local", "gguf", "bundled", "tiny"]
     raw: str
     repo_id: str | None = None
     revision: str | None = None
@@ -46,7 +48,7 @@ class Source:
         if self.kind == "tiny":
             return self.raw.removeprefix("tiny://").strip("/") or "tiny"
         stem = self.path.name if self.path is not None else self.raw
-        for suffix in (".jsonl", ".ndjson", ".json", ".parquet", ".csv"):
+        for suffix in (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".gguf"):
             stem = stem.removesuffix(suffix)
         return stem or "data"
 
@@ -95,7 +97,11 @@ def parse_model_source(raw: str, *, revision: str | None = None, setting: str = 
         return _hub(scheme, rest, raw, setting, revision)
     if scheme == "tiny":
         return Source("tiny", raw)
+    if scheme == "gguf" or (scheme in ("", "file") and rest.lower().endswith(".gguf")):
+        if not rest.strip():
+            raise ConfigError(f"{setting}='{raw}': gguf:// needs a file, e.g. gguf:///abs/model.gguf")
+        return Source("gguf", raw, path=Path(rest).expanduser())
     if scheme in ("", "file"):
         return Source("local", raw, path=Path(rest).expanduser())
     raise ConfigError(f"{setting}='{raw}': unsupported scheme '{scheme}://' (use modelscope://owner/name, "
-                      "hf://owner/name, tiny:// or a local model folder)")
+                      "hf://owner/name, tiny://, a local model folder or a local .gguf file)")

@@ -402,7 +402,8 @@ def split_body(cfg: PipelineConfig, folder: Path, valid: Validated) -> dict:
 
 def base_model_key(cfg: PipelineConfig) -> dict:
     """A hub model by source and revision (fetched once per workdir: pin a commit, or --refresh, to update);
-    a local folder by its files' names, sizes and times; a tiny model by its shape."""
+    a local folder by its files' names, sizes and times; a GGUF file by its content (wherever it lies, however
+    often it is copied, it converts once; a changed file converts again); a tiny model by its shape."""
     from sft_core.sources import parse_model_source
 
     from sft_core.tiny_model import tokenizer_origin
@@ -413,6 +414,10 @@ def base_model_key(cfg: PipelineConfig) -> dict:
     if src.kind == "tiny":  # its shape, and what its tokenizer is built from
         spec["tiny"] = m.tiny.model_dump()
         spec["tokenizer"] = tokenizer_origin(m.tiny)
+    elif src.kind == "gguf":
+        from sft_core.gguf import file_sha256
+
+        spec = {"gguf_sha256": file_sha256(src.path)}
     elif src.kind == "local" and src.path.is_dir():
         spec["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.path.iterdir()
                                if p.is_file())
@@ -604,7 +609,7 @@ _GENERATE = ("sft_core.generate", "sft_core.chat", "sft_core.modeling")
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "ingest", Ingested, ingest_key, ingest_body, ("sft_core.data", "sft_core.sources"), retries=2),
     Stage("base-model", "model", BaseModel, base_model_key, base_model_body,
-          ("sft_core.modeling", "sft_core.tiny_model"), retries=2),
+          ("sft_core.modeling", "sft_core.tiny_model", "sft_core.gguf"), retries=2),
     Stage("validate", "validate", Validated, validate_key, validate_body,
           ("sft_core.validation", "sft_core.data_docs", "sft_core.chat")),
     Stage("split", "split", Split, split_key, split_body, ("sft_core.split",)),

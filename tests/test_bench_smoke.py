@@ -97,3 +97,16 @@ def test_demo_outcome_tiny():
     assert re.fullmatch(r"demo beyond noise [01]/1 seeds", last_line(proc))
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| 3 |"))
     assert row.startswith("| 3 | 13 | ") and row.count("[") >= 5, row
+
+
+def test_pretrained_budget_tiny(tmp_path):
+    """The budget of a pretrained-demo run, measured on a tiny GGUF instead of SmolLM2 (no download)."""
+    from tests.tiny_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", vocab_size=512)
+    proc = run_bench("pretrained_budget.py", "--set", f"model.source=gguf://{tmp_path / 'tiny.gguf'}",
+                     "--gen-lengths", "1,4,8")
+    line = last_line(proc)
+    assert line.startswith("RESULT ")
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["steps"] == 29 and result["train_step_cpu_s"] > 0 and result["budget"] > 0
