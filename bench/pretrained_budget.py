@@ -101,10 +101,10 @@ def measure(work: Path, args: argparse.Namespace) -> None:
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype="float32", device="cpu")
-    eval_cpu, _ = cpu_seconds(lambda: evaluate_model(model, tokenizer, datasets.load_from_disk(tokens.val_ds),
+    eval_cpu, _ = cpu_seconds(lambda: evaluate_model(model, tokenizer, datasets.load_from_disk(tokens.select_ds),
                                                      batch_size=cfg.eval.batch_size))
     prepare_for_sft(model, tokenizer)
-    questions = [r["question"] for r in read_jsonl(splits.val)][: cfg.eval.num_generate]
+    questions = [r["question"] for r in read_jsonl(splits.report)][: cfg.eval.num_generate]
     lengths = [int(x) for x in args.gen_lengths.split(",")]
     cost = {}
     for n in lengths:

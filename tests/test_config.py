@@ -112,7 +112,7 @@ def test_a_path_is_a_path_and_only_a_bare_name_is_a_preset(tmp_path, monkeypatch
         with pytest.raises(ConfigError) as missing:
             load_config(typo)
         assert str(missing.value) == (f"config file '{typo}' not found (from {tmp_path}; a bare name is a shipped "
-                                      "preset: demo, qwen2.5-1.5b-medical)")
+                                      "preset: demo, pretrained-demo, qwen2.5-1.5b-medical)")
     (tmp_path / "mine.yaml").write_text("name: mine\n", encoding="utf-8")
     assert load_config("mine.yaml").name == "mine" and load_config("./mine.yaml").name == "mine"
     assert load_config("demo").name == load_config(str(repo / "configs" / "demo.yaml")).name

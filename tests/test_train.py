@@ -202,8 +202,8 @@ def test_cpu_and_gpu_defaults_for_batching_and_loss_chunks():
 
 _FRAGMENT_HEAP = """
 import os, sys, torch
-from sft_core.train import return_freed_memory_to_os
-if sys.argv[1] == "policy":
+if sys.argv[1] == "policy":  # (only then: what other modules allocate at import moves glibc's thresholds too)
+    from sft_core.train import return_freed_memory_to_os
     assert return_freed_memory_to_os()
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

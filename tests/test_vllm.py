@@ -208,6 +208,7 @@ def test_the_engines_bench_runs(vllm_python):
     assert re.fullmatch(r"vllm speedup [\d.]+x", last_line(run_bench("engines.py", "--tiny", timeout=900)))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_run_with_vllm_as_the_evaluation_engine_reports_what_the_hf_engine_reports(tmp_path, vllm_python):
     """`--set eval.engine=vllm`: checkpoint selection and both generate stages answer through vLLM servers (one
