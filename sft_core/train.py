@@ -420,6 +420,9 @@ def run_training(
         if trainer.is_world_process_zero():
             (progress or print)(f"resuming from {Path(resume).name}: the steps after {checkpoint_step(resume)} are "
                                 "trained again")
+    # the selection curve starts at step 0 with the base model's eval loss (a fresh start only: a resumed run has
+    # that point already)
+    trainer.args.eval_on_start = has_eval and resume is None
     result = trainer.train(resume_from_checkpoint=resume)
     final_dir = out / "final"
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one full state dict on rank 0

@@ -108,6 +108,7 @@ def test_the_run_logs_the_sets_and_a_report_the_gate_can_pair(watched):
     run = c.get_run(run_id)
     assert run.data.tags["data.rows_selection"] == "13" and run.data.tags["data.rows_report"] == "13"
     curve = c.get_metric_history(run_id, "selection/loss")
-    assert sorted(m.step for m in curve) == [6, 12], "the learning curve is on the selection set, every evaluation"
+    assert sorted(m.step for m in curve) == [0, 6, 12], "the learning curve is on the selection set: the base at 0, "\
+        "then every evaluation"
     assert [m.step for m in c.get_metric_history(run_id, "eval/loss")] == [12], \
         "the shipped model's figure, once, at the last step: it is not a point of the curve"

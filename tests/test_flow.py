@@ -125,7 +125,8 @@ def test_first_run_tracks_everything(first, server):
     for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second"):
         assert len(c.get_metric_history(run.info.run_id, key)) >= 24, key
     curve = c.get_metric_history(run.info.run_id, "selection/loss")
-    assert sorted(m.step for m in curve) == [12, 24], "the learning curve: every evaluation, on the selection set"
+    assert sorted(m.step for m in curve) == [0, 12, 24], "the learning curve on the selection set: the base, then "\
+        "every evaluation"
     eval_loss = c.get_metric_history(run.info.run_id, "eval/loss")
     assert [m.step for m in eval_loss] == [24], "the shipped model's figure (report set), once, at the last step"
     # final metrics

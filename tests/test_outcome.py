@@ -90,8 +90,9 @@ def test_the_checkpoint_kept_is_the_one_that_generated_best(tmp_path, tiny_model
     records = [json.loads(x) for x in Path(result.metrics_file).read_text().splitlines()]
     scored = {r["step"]: r["selection/gen_score"] for r in records if "selection/gen_score" in r}
     assert sorted(scored) == [8, 16, 24], "generation runs at the evaluations that save a checkpoint, and only there"
-    # the curve of the selection set at every evaluation, the last included (the report's figures have other names)
-    assert {r["step"] for r in records if "selection/loss" in r} == {4, 8, 12, 16, 20, 24}
+    # the curve of the selection set: the base at step 0, then every evaluation, the last included (the report's
+    # figures have other names)
+    assert {r["step"] for r in records if "selection/loss" in r} == {0, 4, 8, 12, 16, 20, 24}
     best_step = max(sorted(scored), key=lambda s: (scored[s], -s))  # ties keep the earliest (strictly better wins)
     assert result.selected_by == "eval_gen_score"
     assert result.best_checkpoint.endswith(f"checkpoint-{best_step}") and result.best_value == scored[best_step]
