@@ -116,5 +116,5 @@ def test_a_path_is_a_path_and_only_a_bare_name_is_a_preset(tmp_path, monkeypatch
     (tmp_path / "mine.yaml").write_text("name: mine\n", encoding="utf-8")
     assert load_config("mine.yaml").name == "mine" and load_config("./mine.yaml").name == "mine"
     assert load_config("demo").name == load_config(str(repo / "configs" / "demo.yaml")).name
-    with pytest.raises(ConfigError, match=r"^no preset named 'demoo' \(presets: demo, qwen2.5-1.5b-medical"):
+    with pytest.raises(ConfigError, match=r"^no preset named 'demoo' \(presets: demo, pretrained-demo, qwen2.5-1.5b-medical"):
         load_config("demoo")
