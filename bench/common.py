@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sft_core.tiny_model import shared_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_ROWS = REPO.parent / "shared" / "data" / "delicate_medical_r1_sample.jsonl"
+SHARED_ROWS = shared_dir() / "data" / "delicate_medical_r1_sample.jsonl"
 BUNDLED_ROWS = REPO / "sft_core" / "sample_data" / "medical_sample.jsonl"
 TUTORIAL_SYSTEM = "你是一个医学专家,你需要根据用户的问题,给出带有思考的回答。"  # the tutorial's system prompt
 

@@ -31,10 +31,10 @@ RATES = ("gen/format_ok_rate", "gen/stop_rate", "gen/usable_rate")
 def run_seed(seed: int, overrides: list[str]) -> tuple[dict, float]:
     """One demo run in a fresh process: (its flow summary's metrics and stage rows, wall seconds)."""
     with tempfile.TemporaryDirectory(prefix="demo-outcome-") as tmp:
-        code = ("import json, sys; from sft_core.process import configure_process; configure_process(); "
-                "from flows.finetune import run_in_process; "
+        code = ("import json, sys; from dataclasses import asdict; from sft_core.process import configure_process; "
+                "configure_process(); from flows.finetune import run_in_process; "
                 "s = run_in_process('demo', sys.argv[1:]); "
-                "print('RESULT ' + json.dumps({'metrics': s['metrics'], 'stages': s['stages']}))")
+                "print('RESULT ' + json.dumps({'metrics': s.metrics, 'stages': [asdict(r) for r in s.stages]}))")
         argv = [sys.executable, "-c", code, f"workdir={tmp}/work", f"train.seed={seed}", *overrides]
         env = {**os.environ, "PREFECT_HOME": f"{tmp}/prefect"}
         started = time.perf_counter()

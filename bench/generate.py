@@ -33,9 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine_info, median, timed  # noqa: E402
+from sft_core.tiny_model import shared_dir  # noqa: E402
 
 BUNDLED_ROWS = REPO / "sft_core" / "sample_data" / "medical_sample.jsonl"
-SHARED_ROWS = REPO.parent / "shared" / "data" / "delicate_medical_r1_sample.jsonl"
+SHARED_ROWS = shared_dir() / "data" / "delicate_medical_r1_sample.jsonl"
 SYSTEM = "你是一个医学专家,你需要根据用户的问题,给出带有思考的回答。"  # the tutorial's system prompt
 # variant -> batch size (None: the tutorial's one-question predict())
 VARIANTS: dict[str, int | None] = {"A": None, "B": 0, "B-bs1": 1, "B-bs4": 4, "B-bs8": 8}

@@ -50,15 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# small shapes for the smoke run (like tests/test_flow.py FAST, with fewer steps): a flow run in well under a minute
-TINY = [
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
-    "data.max_length=256",
-    "train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "train.logging_steps=1",
-    "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
-    "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=4",
-    "train.metric_for_best_model=loss", "eval.harness=false",
-]
+from tests.sizes import BENCH_PIPELINE as TINY  # noqa: E402  (the flow tests' shape, fewer steps)
+
 GOAL_CACHED_RATIO = 0.05
 GOAL_OVERHEAD_S = 15.0
 
@@ -97,11 +90,13 @@ def time_server_start() -> tuple[float, float]:
 
 
 def run_flow(cfg, args_config: str) -> tuple[float, dict]:
+    from dataclasses import asdict
+
     from flows.finetune import run_config
 
     start = time.perf_counter()
     summary = run_config(cfg, preset=args_config)  # as `qwen-sft run -c <preset> --set ...` runs it
-    return time.perf_counter() - start, summary
+    return time.perf_counter() - start, asdict(summary)
 
 
 def measure(args: argparse.Namespace, root: Path) -> dict:

@@ -75,8 +75,8 @@ def measure(work: Path, args: argparse.Namespace) -> None:
     cfg = load_config("pretrained-demo", [f"workdir={work}", *args.overrides])
     print(machine_info())
     wall = time.perf_counter()
-    prep_cpu, stages = cpu_seconds(lambda: prepare_data(cfg, log=lambda line: None))
-    model_dir, tokens, splits = stages["base-model"].model_dir, stages["tokenize"], stages["split"]
+    prep_cpu, prepared = cpu_seconds(lambda: prepare_data(cfg, log=lambda line: None))
+    model_dir, tokens, splits = prepared.model.model_dir, prepared.tokens, prepared.splits
     budget = generation_budget(cfg, tokens).max_new_tokens
     train_ds = datasets.load_from_disk(tokens.train_ds)
     sup_per_row = sum(sum(1 for x in r["labels"] if x != -100) for r in train_ds) / len(train_ds)

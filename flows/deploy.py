@@ -24,11 +24,14 @@ Where a worker's run lands is decided where `deploy` runs and carried by the dep
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from sft_core.config import PipelineConfig, flatten, load_config, redact, redact_uri
 from sft_core.errors import ConfigError, OrchestrationError
@@ -74,7 +77,6 @@ def cron_schedule(cfg: PipelineConfig, cron: str | None = None, timezone: str | 
     """`schedule.cron` in `schedule.timezone` (or the given overrides), validated by Prefect."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.schedules import Cron
-    from pydantic import ValidationError
 
     expr, tz = cron or cfg.schedule.cron, timezone or cfg.schedule.timezone
     try:
@@ -234,8 +236,6 @@ def serve(config: str, overrides: list[str] | None = None, *, cron: str | None =
           name: str | None = None) -> None:
     """Run the schedule and its flow runs in this process until interrupted (Prefect's `serve`), under a
     deployment of its own; SIGTERM stops it as Ctrl-C does."""
-    import signal
-
     from flows.finetune import finetune
 
     parameters = deployment_parameters(config, overrides)

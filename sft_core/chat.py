@@ -52,9 +52,10 @@ def render_example(tokenizer: Any, row: dict, system_prompt: str) -> tuple[str, 
 
 
 def token_id(tokenizer: Any, token: str) -> int | None:
-    """The id of a special token the tokenizer really has (not its unknown-token fallback)."""
+    """The id of a special token the tokenizer really has (not its unknown-token fallback; a tokenizer whose
+    unknown token *is* that token, as `Qwen2Tokenizer`'s default `<|endoftext|>`, has it)."""
     tid = tokenizer.convert_tokens_to_ids(token)
-    if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+    if isinstance(tid, int) and tid >= 0 and (tid != tokenizer.unk_token_id or token == tokenizer.unk_token):
         return tid
     return None
 

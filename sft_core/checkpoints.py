@@ -22,10 +22,12 @@ import math
 import os
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 from sft_core.errors import NonFiniteError
+from sft_core.metrics import EVAL_LOSS
 
 MANIFEST = "checksums.sha256"
 _CHUNK = 8 << 20
@@ -84,8 +86,6 @@ def _manifest_problem(ckpt: Path) -> str | None:
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """What makes a checkpoint folder unusable for resuming, or None when it is whole."""
-    import zipfile
-
     try:
         json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -210,7 +210,7 @@ def non_finite_weights(model_dir: str | Path) -> list[str]:
 
 def check_registrable(model_dir: str | Path, metrics: dict[str, Any]) -> None:
     """Refuse to ship a model whose eval loss is not a finite number or whose weights hold NaN or infinity."""
-    loss = metrics.get("eval/loss")
+    loss = metrics.get(EVAL_LOSS)
     if loss is None or not math.isfinite(float(loss)):
         raise NonFiniteError(f"not registered: the fine-tuned model's eval/loss is {loss} ({model_dir}); a model "
                              "that does not compute numbers is never a candidate. Run again with --refresh, or lower "

@@ -11,8 +11,10 @@ import hashlib
 import json
 import re
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,8 +26,6 @@ DEFAULT_SYSTEM_PROMPT = "你是一个医学专家，你需要根据用户的问�
 
 def presets() -> Path:
     """The folder of the shipped presets (`configs/` in the repository, `sft_core/configs` in the wheel)."""
-    from importlib import resources
-
     return Path(str(resources.files("sft_core.configs")))
 
 
@@ -178,6 +178,11 @@ class GateConfig(_Section):
     allow_equal: bool = False
 
 
+# the registry's aliases: the newest registered version, the one serving, the one it replaced (a rollback's target)
+CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
+ALIASES = (CANDIDATE, PRODUCTION, PREVIOUS)
+
+
 class RegistryConfig(_Section):
     name: str = "qwen2.5-1.5b-medical"
     enabled: bool = True  # register a version after each run
@@ -222,7 +227,7 @@ class PipelineConfig(_Section):
 
     def config_hash(self) -> str:
         """Stable 12-hex hash of everything that changes results (workdir and tracking excluded)."""
-        dump = self.model_dump(mode="json", exclude={"workdir", "tracking", "schedule"})
+        dump = self.model_dump(mode="json", exclude=set(WHERE_IT_RUNS))
         return stable_hash(dump)
 
     def flat_params(self) -> dict[str, str]:
@@ -231,6 +236,16 @@ class PipelineConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+
+
+# where a run lands and when it is scheduled, not what it computes: out of the config hash, the MLflow params
+# compared across runs, and run names
+WHERE_IT_RUNS = ("workdir", "tracking", "schedule")
+
+
+def where_it_runs(key: str) -> bool:
+    """Whether a dotted config key (`tracking.uri`, `workdir`) says where a run lands rather than what it computes."""
+    return key.split(".", 1)[0] in WHERE_IT_RUNS
 
 
 SECRET_KEY = re.compile(r"(password|passwd|secret|api_?key|access_key|(^|_)token)$", re.IGNORECASE)
@@ -272,8 +287,6 @@ def _authority(url: str) -> tuple[str, str, str] | None:
     `#`, `/` or `?` ends the authority early for a URL parser: when `user:...` is followed, past such a character,
     by `@host`, the credentials still run to that `@` (a `host:port/path@host` is redacted too: over, never under).
     """
-    from urllib.parse import urlsplit
-
     head, _, rest = url.partition("://")
     try:
         netloc = urlsplit(url).netloc
@@ -314,8 +327,6 @@ def redact_uri(text: str) -> str:
     alone (`https://TOKEN@host`) is a token and is hidden. A password may contain `@` (the host is what
     follows the last `@` of the authority) and, unencoded, `#`, `/` or `?` (see `_authority`).
     """
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
     def one(url: str) -> str:
         if "@" not in url and "?" not in url:
             return url  # no credentials, no query: nothing to hide

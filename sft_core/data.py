@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sft_core.errors import DataFormatError, DataSourceError
+from sft_core.files import read_bytes
 from sft_core.sources import Source, parse_data_source
 
 BUNDLED_SAMPLE: Path = Path(__file__).parent / "sample_data" / "medical_sample.jsonl"
@@ -204,9 +205,10 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise DataFormatError(f"{path}: unsupported file type '{suffix or '(none)'}' (use {', '.join(LOCAL_SUFFIXES)})")
+    data = read_bytes(path)  # its content hash keys the ingest stage: the file is read once here
     if suffix == ".parquet":
-        return _read_parquet(path)
-    text = _decode(path, path.read_bytes())
+        return _read_parquet(path, data)
+    text = _decode(path, data)
     if suffix == ".csv":
         return _parse_csv(text, path)
     if suffix == ".json":
@@ -408,13 +410,14 @@ def _parse_csv(text: str, path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return rows, numbers
 
 
-def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+def _read_parquet(path: Path, data: bytes) -> tuple[list[dict[str, Any]], list[int]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.stat().st_size == 0:
+    if not data:
         raise DataFormatError(f"{path}: file is empty (0 bytes)")
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(pa.BufferReader(data))
         names = parquet.schema_arrow.names
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:

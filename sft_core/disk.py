@@ -1,7 +1,7 @@
 """The workdir's disk: what is free, what a training run writes there, and a full disk recognised as such.
 
 A stage that cannot fit is refused before it starts, and one that fills the disk anyway ends in one
-message that names the folder and what is free (`sft_core.stages.run_in_folder`).
+message that names the folder and what is free (`sft_core.stage_engine.run_in_folder`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def training_space(cfg: PipelineConfig, model_dir: str) -> int:
 
 def _stored_half(model_dir: str) -> bool:
     try:
-        dtype = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or ""
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        dtype = config.get("dtype") or config.get("torch_dtype") or ""  # transformers 5 writes `dtype`
     except (OSError, ValueError):
         return False
     return str(dtype).endswith(("bfloat16", "float16"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.chat import build_messages, encode_chat, stop_token_ids
+from sft_core.generate import _stop_when, generate_answers
 
 StopCheck = Callable[[], bool]
 
@@ -201,8 +202,6 @@ class HfEngine(Engine):
         """Generate in a thread of its own; its tokens come through a queue as they are made."""
         import torch
 
-        from sft_core.generate import _stop_when
-
         cut = threading.Event()
 
         def stop() -> bool:
@@ -254,8 +253,6 @@ class HfEngine(Engine):
 
     def answer(self, questions: list[str], sampling: Sampling, should_stop: StopCheck) -> tuple[list[str], bool]:
         """One batch through `generate_answers`, as evaluation generates."""
-        from sft_core.generate import generate_answers
-
         cut = threading.Event()
 
         def stop() -> bool:

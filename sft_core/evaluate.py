@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from sft_core.chat import IGNORE_INDEX
+
 
 @dataclass
 class Evaluation:
@@ -33,7 +35,6 @@ def evaluate_model(
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from sft_core.chat import IGNORE_INDEX
     from sft_core.loss import per_row_losses
 
     if len(dataset) == 0:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from sft_core.config import GateConfig
+from sft_core.config import PRODUCTION, GateConfig
 from sft_core.metrics import EVAL_LOSS, FORMAT_OK, NUM_SAMPLES, fmt
 from sft_core.stats import Interval, Verdict, rate_difference, ratio_difference, verdict
 
@@ -94,7 +94,7 @@ def compare_format(candidate: ModelFigures, reference: ModelFigures, against: st
         n_a, n_b = _n(candidate), _n(reference)
         diff = rate_difference(_as_outcomes(candidate.metrics.get(FORMAT_OK), n_a),
                                _as_outcomes(reference.metrics.get(FORMAT_OK), n_b), paired=False)
-    margin = gate.min_format_ok_delta if against == "production" else 0.0
+    margin = gate.min_format_ok_delta if against == PRODUCTION else 0.0
     rule = "better than base beyond noise" if against == "base" else (
         f"not worse than production beyond noise; better by > {margin:g} counts as better")
     judged = verdict(diff, higher_is_better=True, better_by=margin) if n_a and n_b else "not measured"
@@ -125,7 +125,7 @@ def compare_loss(candidate: ModelFigures, reference: ModelFigures, gate: GateCon
         judged = "worse" if diff.value > tolerance else "not distinguishable"
     else:
         judged = verdict(diff, higher_is_better=False, worse_by=tolerance)
-    return Check(EVAL_LOSS, "production", candidate.metrics.get(EVAL_LOSS), reference.metrics.get(EVAL_LOSS),
+    return Check(EVAL_LOSS, PRODUCTION, candidate.metrics.get(EVAL_LOSS), reference.metrics.get(EVAL_LOSS),
                  n_a, n_b, diff, paired, judged, rule)
 
 
@@ -137,7 +137,7 @@ def decide(candidate: ModelFigures, base: ModelFigures | None, production: Model
         checks.append(compare_format(candidate, base, "base", gate))
     against_production: list[Check] = []
     if production is not None:
-        against_production = [compare_format(candidate, production, "production", gate),
+        against_production = [compare_format(candidate, production, PRODUCTION, gate),
                               compare_loss(candidate, production, gate)]
         checks += against_production
     failed = [c for c in checks if not c.passed]

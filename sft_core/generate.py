@@ -8,14 +8,17 @@ sampler) and returns one `Generation` per question in the input order.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from sft_core.chat import ENDOFTEXT, IM_END, THINK_CLOSE, THINK_OPEN, encode_prompt, stop_token_ids
 from sft_core.errors import ConfigError, ModelSourceError
+from sft_core.stats import bootstrap_mean, rate
 
 END_MARKERS = (IM_END, ENDOFTEXT)
 ROUGE_MAX_CHARS = 4000
@@ -267,8 +270,6 @@ def generation_metrics(gens: list[Generation]) -> dict[str, float]:
     0.076) and the score stays in [0, 1]. Averaging the three rates let a higher ROUGE-L, mostly noise
     on a small model, buy back a lost answer.
     """
-    from sft_core.stats import bootstrap_mean, rate
-
     def mean(values: list[float]) -> float:
         return sum(values) / len(values) if values else float("nan")
 
@@ -318,6 +319,27 @@ def resolve_max_new_tokens(setting: int | str, response_percentiles: dict[str, i
                    f"({p95} tokens; p99 {p99}): answers that need more can never close </think> or stop, "
                    "so format and stop rates undercount; use eval.max_new_tokens=auto")
     return GenerationBudget(budget, p95, p99, warning)
+
+
+def store_budget(model_dir: str | Path, max_new_tokens: int) -> None:
+    """Keep the run's resolved budget with the model, as the default of its `generation_config.json`
+    (`max_new_tokens`): Hugging Face `generate` and vLLM take it as their default, and `auto` reads it back
+    wherever the model is used without its validation data (`predict`, `serve-model`)."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["max_new_tokens"] = int(max_new_tokens)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def model_budget(setting: int | str, model_dir: str | Path, max_length: int) -> int:
+    """`eval.max_new_tokens` for a model used on its own: a number as written; `auto` the budget its training run
+    resolved (the one rule of `resolve_max_new_tokens`, kept by `store_budget`), else `max_length` for a model
+    this project did not train."""
+    if setting != "auto":
+        return int(setting)
+    path = Path(model_dir) / "generation_config.json"
+    stored = json.loads(path.read_text(encoding="utf-8")).get("max_new_tokens") if path.is_file() else None
+    return int(stored) if stored else max_length
 
 
 PREDICTION_COLUMNS = ("id", "question", "reference_answer", "base_output", "think", "answer", "raw_output", "format_ok",

@@ -10,12 +10,11 @@ that stops on the end-of-turn token. Everything downstream then sees a normal fo
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from pathlib import Path
 
 from sft_core.chat import IM_END, encode_example, token_id
 from sft_core.errors import ModelSourceError
+from sft_core.files import content_sha256
 
 GGUF_MAGIC = b"GGUF"
 
@@ -32,19 +31,9 @@ def is_gguf(path: Path) -> bool:
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's content (computed once per process for a given size and mtime)."""
     try:
-        st = path.stat()
+        return content_sha256(path)
     except OSError as exc:
         raise ModelSourceError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
-    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def gguf_architecture(path: Path) -> str:

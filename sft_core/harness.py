@@ -17,7 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sft_core.chat import stop_token_ids
+from sft_core.data import write_jsonl
 from sft_core.errors import ConfigError
+from sft_core.stats import bootstrap_mean, rate
 
 TASK = "qwen_sft_medical"
 
@@ -71,7 +74,6 @@ def stop_strings(model_dir: str | Path) -> list[str]:
     """The model's stop tokens as text (its generation config's eos, `<|im_end|>`, `<|endoftext|>`)."""
     from transformers import GenerationConfig
 
-    from sft_core.chat import stop_token_ids
     from sft_core.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
@@ -138,9 +140,6 @@ def run_harness(
     require_lm_eval()
     import lm_eval
     from lm_eval.tasks import TaskManager
-
-    from sft_core.data import write_jsonl
-    from sft_core.stats import bootstrap_mean, rate
 
     out = Path(out_dir)
     data = write_jsonl([{k: r[k] for k in ("question", "think", "answer")} for r in val_rows], out / "val.jsonl")

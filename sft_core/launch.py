@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,9 +19,14 @@ import time
 from collections import deque
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from sft_core import errors
 from sft_core.config import PipelineConfig
+from sft_core.errors import SftError
+from sft_core.modeling import resolve_device
+from sft_core.process import configure_process
+from sft_core.train import generation_check, run_training
 
 
 def accelerate_config_file(name: str) -> Path:
@@ -29,8 +35,6 @@ def accelerate_config_file(name: str) -> Path:
 
 
 def accelerate_command(cfg: PipelineConfig, args: list[str]) -> list[str]:
-    from sft_core.modeling import resolve_device
-
     name = cfg.train.accelerate_config
     if resolve_device(cfg.train.device) == "cpu":  # also `auto` on a machine without a GPU
         name = "cpu_gloo"
@@ -54,7 +58,7 @@ def launch_training(cfg: PipelineConfig, *, model_dir: str, tokens: Any, select_
     stop = threading.Event()
     tail = threading.Thread(target=_tail_metrics, args=(output_dir / "metrics.jsonl", sink, stop), daemon=True)
     tail.start()
-    last_lines: deque[str] = deque(maxlen=15)
+    last_lines: deque[str] = deque(maxlen=200)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     try:
@@ -74,11 +78,27 @@ def launch_training(cfg: PipelineConfig, *, model_dir: str, tokens: Any, select_
         stop.set()
         tail.join(timeout=10)
     if code != 0 or not result_json.exists():
-        detail = "\n".join(last_lines)
+        rank_error = project_error(last_lines)
+        if rank_error is not None:  # a rank's own error (a bad model, a full disk, NaN): as one process raises it
+            raise rank_error
+        detail = "\n".join(list(last_lines)[-15:])
         raise RuntimeError(f"accelerate launch ({Path(cmd[cmd.index('--config_file') + 1]).name}, "
                            f"{cfg.train.num_processes} processes) exited with {code} without writing "
                            f"{result_json.name}; last output:\n{detail}")
     return json.loads(result_json.read_text(encoding="utf-8"))
+
+
+_PROJECT_ERROR = re.compile(r"\bsft_core\.errors\.(\w+): (.+)$")
+
+
+def project_error(lines: Iterable[str]) -> SftError | None:
+    """The last project error a rank's traceback printed (`sft_core.errors.X: message`), as that exception."""
+    for line in reversed(list(lines)):
+        found = _PROJECT_ERROR.search(line)
+        kind = getattr(errors, found[1], None) if found else None
+        if isinstance(kind, type) and issubclass(kind, SftError):
+            return kind(found[2])
+    return None
 
 
 def _tail_metrics(path: Path, sink: Callable[[int, dict], None] | None, stop: threading.Event) -> None:
@@ -100,8 +120,6 @@ def _tail_metrics(path: Path, sink: Callable[[int, dict], None] | None, stop: th
 
 def main(argv: list[str] | None = None) -> None:
     """One rank: train, and on rank 0 write the result JSON."""
-    from sft_core.process import configure_process
-
     configure_process()
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config-json", required=True)
@@ -114,8 +132,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--result-json", required=True)
     a = p.parse_args(argv)
-    from sft_core.stages import generation_check
-    from sft_core.train import run_training
 
     cfg = PipelineConfig.model_validate(json.loads(Path(a.config_json).read_text(encoding="utf-8")))
     check = generation_check(cfg, a.select_rows, a.max_new_tokens) if a.select_rows and a.max_new_tokens else None

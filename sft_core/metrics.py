@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 BASE = "base/"
+GEN = "gen/"
 HARNESS = "harness/"
 SELECTION = "selection/"
 
@@ -26,6 +27,9 @@ STOP = "gen/stop_rate"
 USABLE = "gen/usable_rate"
 ROUGE_L = "gen/rouge_l"
 NUM_SAMPLES = "gen/num_samples"
+MEAN_NEW_TOKENS = "gen/mean_new_tokens"
+SCORE = "gen/score"  # what selection by generation maximises: not a figure of the model
+HARNESS_NUM_SAMPLES = "harness/num_samples"
 LO, HI = "_lo", "_hi"
 
 # the generation figures (`sft_core.generate.generation_metrics` keys) that carry an interval
@@ -40,6 +44,16 @@ DIGITS = {"perplexity": 2, "mean_new_tokens": 1, "mean_think_chars": 1, "mean_an
 def base(name: str) -> str:
     """The base model's name of a metric: `base/gen/format_ok_rate`."""
     return BASE + name
+
+
+def is_base(name: str) -> bool:
+    return name.startswith(BASE)
+
+
+def own_and_base(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """The fine-tune's figures, and its base model's under their own names (`base/gen/x` as `gen/x`)."""
+    own = {k: v for k, v in metrics.items() if not is_base(k)}
+    return own, {k.removeprefix(BASE): v for k, v in metrics.items() if is_base(k)}
 
 
 def bounds(name: str) -> tuple[str, str]:

@@ -13,8 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_core.config import PipelineConfig
-from sft_core.metrics import (EVAL_LOSS, EVAL_PERPLEXITY, EVAL_TOKEN_ACCURACY, FORMAT_OK, ROUGE_L, STOP, USABLE, fmt,
-                              sample_size, shown)
+from sft_core.metrics import (
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    EVAL_TOKEN_ACCURACY,
+    FORMAT_OK,
+    MEAN_NEW_TOKENS,
+    ROUGE_L,
+    STOP,
+    USABLE,
+    fmt,
+    sample_size,
+    shown,
+)
 from sft_core.sources import parse_data_source
 
 DESCRIPTION_LIMIT = 5000  # characters: MLflow's model_versions.description column
@@ -28,7 +39,7 @@ CARD_METRICS = (
     (STOP, "stop rate"),
     (USABLE, "usable answers (well-formed and stopped)"),
     (ROUGE_L, "ROUGE-L (characters, answer only)"),
-    ("gen/mean_new_tokens", "mean generated tokens"),
+    (MEAN_NEW_TOKENS, "mean generated tokens"),
 )
 
 DISCLAIMER = ("This model is a research and engineering artefact, not a medical device. Its answers can be wrong, "

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Callable
 
+from sft_core.errors import SftError
+
 # name -> default; why each one is here
 PROCESS_DEFAULTS = {
     # Prefect's ephemeral server (no PREFECT_API_URL): 20 s is borderline on 2 cores; quiet and offline
@@ -55,8 +57,6 @@ class _ProjectErrorsWithoutTraceback(logging.Filter):
     debug = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from sft_core.errors import SftError
-
         if not self.debug and record.exc_info and isinstance(record.exc_info[1], SftError):
             record.msg = f"{record.msg} {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
             record.exc_info, record.exc_text = None, None

@@ -33,11 +33,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the handlers' annotations by name
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from sft_core import openai_api as oai
-from sft_core.openai_api import API_KEY_ENV  # noqa: F401 - where the CLI and the docs find it
 from sft_core.engine import Engine, Piece, Sampling
 from sft_core.errors import EngineError
+from sft_core.openai_api import API_KEY_ENV  # noqa: F401 - where the CLI and the docs find it
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -129,8 +131,6 @@ def parse_request(body: Any, limits: Limits) -> tuple[list[str], dict[str, Any]]
 
 def parse_chat(body: Any, limits: Limits, model_name: str) -> tuple[oai.ChatRequest, Sampling]:
     """The request and its decoding settings of a `/v1/chat/completions` body, or a RequestError."""
-    from pydantic import ValidationError
-
     if not isinstance(body, dict):
         raise RequestError(422, f"expected a JSON object {oai.EXPECTED_CHAT}, got {_kind(body)}")
     try:

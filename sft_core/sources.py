@@ -10,6 +10,7 @@ id is ``owner/name``, optionally ``@revision``; it is validated here and never r
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ def _scheme(raw: str) -> tuple[str, str]:
     return (scheme.lower(), rest) if sep else ("", raw)
 
 
+@functools.lru_cache(maxsize=64)  # parsed once per run however many stages ask (a Source is immutable)
 def parse_data_source(raw: str, *, revision: str | None = None, setting: str = "data.source") -> Source:
     raw = raw.strip()
     if raw in BUNDLED_ALIASES:
@@ -90,6 +92,7 @@ def parse_data_source(raw: str, *, revision: str | None = None, setting: str = "
                       "hf://owner/name, a local .jsonl/.json/.parquet/.csv file, or 'sample')")
 
 
+@functools.lru_cache(maxsize=64)
 def parse_model_source(raw: str, *, revision: str | None = None, setting: str = "model.source") -> Source:
     raw = raw.strip()
     scheme, rest = _scheme(raw)

@@ -1,324 +1,56 @@
-"""The pipeline's stages, each declared once: its name, what its key hashes, its code, its body.
+"""The pipeline's stages, each declared once: its name, folder, key, body, result type and what its body takes.
 
-A stage writes into ``<workdir>/<folder>/<key>/`` and finishes by writing ``_DONE.json`` (its
-typed result) atomically. ``_DONE.json`` is the one record of "done": a folder that has it is
-complete and reused as is; a folder without it is a crash's leftover and is wiped first
-(except train's, whose checkpoints resume). The key hashes the stage's inputs (digests or the
-keys of the stages it reads), the config section it reads, and its code version: a hash of
-the source of its body, its key function, its result type and the library modules its body
-runs, normalised so that comments, docstrings and formatting do not count.
+``STAGES`` holds every declaration and `prepare` spells the data stages' order once, for the flow and the
+CLI alike. The engine that runs a declaration into its keyed folder is `sft_core.stage_engine`; the
+results the stages hand on are `sft_core.results`. ``Stage.run`` runs one without orchestration (the
+CLI's commands, tests); ``tasks.stage`` runs the same declaration as a Prefect task.
 
-``STAGES`` holds every declaration. ``Stage.run`` runs one without orchestration (the
-``prepare`` command, tests); ``tasks.stage`` runs the same declaration as a Prefect task.
+Heavy libraries (torch, datasets, Great Expectations, lm-eval) load inside the bodies that use them,
+through the library modules: importing this module is cheap, so a command that only checks or lists
+answers at once.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import functools
-import hashlib
-import importlib.util
-import inspect
 import json
-import os
-import shutil
-import textwrap
-import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from sft_core.chat import control_tokens
 from sft_core.config import PipelineConfig, stable_hash
-from sft_core.disk import check_space, free_space, is_disk_full, training_space
-from sft_core.errors import StorageError
-
-DONE = "_DONE.json"
-OWNED = ".qwen-sft-owned"  # written into every folder a stage creates: `qwen-sft gc` deletes nothing else
-
-
-# --- typed results: what a stage hands to the next, and what its _DONE.json holds ---------------------------
-
-@dataclass(kw_only=True)
-class Result:
-    """What every stage result has: its key (None: not cached), its folder, how long its body took."""
-
-    key: str | None
-    folder: str
-    seconds: float = 0.0
-    reused: bool = field(default=False, compare=False)  # found done (not stored)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("reused")
-        return data
-
-    def own_fields(self) -> dict[str, Any]:
-        """The fields of this kind of result (what a stage body returns): without key, folder and timing."""
-        data = self.to_json()
-        for name in ("key", "folder", "seconds"):
-            data.pop(name)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]):
-        """The result stored in `data`; ValueError when it lacks a field (written by older code)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        if not required <= set(data):
-            raise ValueError(f"{cls.__name__} record lacks {sorted(required - set(data))}")
-        return cls(**{k: v for k, v in data.items() if k in names and k != "reused"})
+from sft_core.data import BUNDLED_SAMPLE, dataset_digest, load_rows, read_jsonl, write_jsonl
+from sft_core.disk import check_space, training_space
+from sft_core.evaluate import evaluate_model
+from sft_core.files import content_sha256
+from sft_core.generate import (GenerationBudget, generate_answers, generation_metrics, resolve_max_new_tokens,
+                               store_budget)
+from sft_core.gguf import file_sha256
+from sft_core.harness import run_harness
+from sft_core.launch import launch_training
+from sft_core.modeling import (fetch_base_model, load_model, load_tokenizer, prepare_for_sft, resolve_device,
+                               resolve_dtype)
+from sft_core.results import (BaseModel, Evaluated, Generated, Harnessed, Ingested, Result, Split, Tokenized, Trained,
+                              Validated)
+from sft_core.sources import parse_data_source, parse_model_source
+from sft_core.split import assign_validation, check_split, question_id, split_rows
+from sft_core.stage_engine import Stage
+from sft_core.tiny_model import tokenizer_origin
+from sft_core.tokenize import check_prompt_fits, tokenize_rows
+from sft_core.train import generation_check, run_training
+from sft_core.validation import validate_rows
+from sft_core.vllm_engine import generate_answers_vllm
 
 
-@dataclass(kw_only=True)
-class Ingested(Result):
-    raw: str
-    row_numbers: str
-    digest: str  # sha256 of the canonical rows
-    rows: int
-    source: str
-    location: str
-    extra_columns: list[str] = field(default_factory=list)
-
-
-@dataclass(kw_only=True)
-class Validated(Result):
-    valid: str
-    digest: str
-    good_rows: int
-    bad_rows: int
-    report: str | None = None
-    docs: str | None = None
-    quarantine: str | None = None
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass(kw_only=True)
-class Split(Result):
-    """train / val (the tutorial's 90/10), and val cut into the selection and report sets."""
-
-    train: str
-    val: str
-    train_rows: int
-    val_rows: int
-    train_digest: str
-    val_digest: str
-    select: str
-    report: str
-    select_rows: int
-    report_rows: int
-    sets: str  # validation_sets.json: the rule, the counts and the question ids of each set
-    sets_digest: str  # of the two sets' question ids: what the stages after the split are keyed on
-
-
-@dataclass(kw_only=True)
-class BaseModel(Result):
-    model_dir: str
-
-
-@dataclass(kw_only=True)
-class Tokenized(Result):
-    """The tokenized train, selection and report sets (`save_to_disk` folders), their statistics (and the
-    whole validation split's, which sizes the generation budget), and the question ids of the kept rows."""
-
-    train_ds: str
-    select_ds: str
-    report_ds: str
-    stats: dict[str, Any]
-    ids: str  # ids.json: {"select": [...], "report": [...]}, the question id of each row of those datasets
-
-    @property
-    def val_response_lengths(self) -> dict[str, int]:
-        return self.stats["val"].get("response_length_percentiles", {})
-
-
-@dataclass(kw_only=True)
-class Trained(Result):
-    output_dir: str
-    final_model_dir: str
-    global_step: int
-    epochs: float
-    train_loss: float | None
-    best_checkpoint: str | None  # the checkpoint the final model is, when one was selected
-    selected_by: str | None  # the metric that chose it (eval_gen_score, eval_loss); None: the last step
-    best_value: float | None
-    resumed_from: str | None
-    metrics_file: str
-
-    @property
-    def model_dir(self) -> str:
-        return self.final_model_dir
-
-
-@dataclass(kw_only=True)
-class Evaluated(Result):
-    metrics: dict[str, float]
-    losses: str | None = None  # losses.json: each report question's id, summed loss and supervised tokens
-
-
-@dataclass(kw_only=True)
-class Generated(Result):
-    predictions: str
-    metrics: dict[str, float]
-
-
-@dataclass(kw_only=True)
-class Harnessed(Result):
-    metrics: dict[str, float]
-    samples: str
-    results: str
-
-
-# --- the declaration -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage: `key(cfg, **inputs)` says what its folder key hashes (None: never cached),
-    `body(cfg, folder, **inputs, **extras)` does the work and returns the result's fields."""
-
-    name: str
-    folder: str
-    result: type[Result]
-    key: Callable[..., dict[str, Any] | None]
-    body: Callable[..., dict[str, Any]]
-    modules: tuple[str, ...] = ()  # the library modules its body runs: part of its code version
-    keep_partial: bool = False  # a crashed run's files are kept (train: checkpoints to resume from)
-    retries: int = 0  # for stages that reach the network; nothing else can heal by retrying
-
-    def code_version(self) -> str:
-        """A hash of the normalised source of the body, key function, result type and modules, as this process
-        loaded them (computed once per process: a file edited while a run goes on does not relabel its work)."""
-        return _code_version(self.body, self.key, self.result, self.modules)
-
-    def key_of(self, cfg: PipelineConfig, **inputs: Any) -> str | None:
-        spec = self.key(cfg, **inputs)
-        if spec is None:
-            return None
-        return stable_hash({"stage": self.name, "code": self.code_version(), "inputs": spec}, length=16)
-
-    def folder_of(self, cfg: PipelineConfig, key: str | None) -> Path:
-        return cfg.workdir_path / self.folder / (key or "latest")
-
-    def run(self, cfg: PipelineConfig, *, refresh: bool = False, extras: dict[str, Any] | None = None,
-            **inputs: Any) -> Result:
-        """Run the body unless its folder holds a finished result (always, when the key is None)."""
-        key = self.key_of(cfg, **inputs)
-        return self.run_into(cfg, self.folder_of(cfg, key), key=key, refresh=refresh or key is None, extras=extras,
-                             **inputs)
-
-    def run_into(self, cfg: PipelineConfig, folder: Path, *, key: str | None = None, refresh: bool = False,
-                 extras: dict[str, Any] | None = None, **inputs: Any) -> Result:
-        """Run the body into `folder` (a command's own output folder, or the keyed one), same rules."""
-        return run_in_folder(
-            folder, lambda f: self.result(key=key, folder=str(f), **self.body(cfg, f, **inputs, **(extras or {}))),
-            self.result, refresh=refresh, keep_partial=self.keep_partial,
-        )
-
-
-def read_done(folder: Path, result: type[Result]) -> Result | None:
-    """The finished result in `folder`, or None (not done, unreadable, or written by older code)."""
-    marker = folder / DONE
-    try:
-        return result.from_json(json.loads(marker.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def write_done(folder: Path, result: Result) -> Result:
-    tmp = folder / (DONE + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(), ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, folder / DONE)
-    return result
-
-
-def run_in_folder(folder: Path, body: Callable[[Path], Result], result: type[Result], *, refresh: bool = False,
-                  keep_partial: bool = False) -> Result:
-    """`body(folder)` unless the folder already holds a finished result; the result is recorded in _DONE.json.
-
-    A file lock beside the folder makes concurrent runs of the same stage wait for each other: the
-    second finds the first's result instead of redoing (or clobbering) it.
-    """
-    from filelock import FileLock
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if refresh and folder.exists():
-            shutil.rmtree(folder)
-        done = read_done(folder, result)
-        if done is not None:
-            done.reused = True
-            return done
-        if folder.exists() and not keep_partial:
-            shutil.rmtree(folder)
-        started = time.perf_counter()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / OWNED).write_text("written by qwen-sft: `qwen-sft gc` may delete this folder\n", encoding="utf-8")
-            out = body(folder)
-            out.seconds = round(time.perf_counter() - started, 3)
-            return write_done(folder, out)
-        except Exception as exc:
-            if is_disk_full(exc):
-                raise StorageError(f"no space left on the device of {folder} ({free_space(folder)} free): "
-                                   f"{type(exc).__name__}: {str(exc)[:200]}; free some with `qwen-sft gc`, or set "
-                                   "workdir on a larger disk") from exc
-            raise
-
-
-# --- code versions: source, normalised ---------------------------------------------------------------------
-
-def _normalised(source: str) -> str:
-    """Source without comments, docstrings or formatting: what the code does, not how it reads."""
-    tree = ast.parse(textwrap.dedent(source))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree)
-
-
-_AST_LOCK = threading.Lock()  # CPython 3.11's ast is not safe across threads ("recursion depth mismatch")
-
-
-def _code_version(body: Callable, key: Callable, result: type, modules: tuple[str, ...]) -> str:
-    with _AST_LOCK:
-        return _code_version_locked(body, key, result, modules)
-
-
-@functools.cache
-def _code_version_locked(body: Callable, key: Callable, result: type, modules: tuple[str, ...]) -> str:
-    parts = [_normalised(inspect.getsource(obj)) for obj in (body, key, result)]
-    parts += [_module_source(name) for name in modules]
-    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
-
-
-def _module_source(name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ImportError(f"stage module {name} not found")
-    return _normalised(Path(spec.origin).read_text(encoding="utf-8"))
-
-
-# --- bodies and keys ------------------------------------------------------------------------------------------
+# --- keys and bodies ----------------------------------------------------------------------------------------
 
 def _source_fingerprint(cfg: PipelineConfig) -> str | None:
     """Content hash of a local data file (or the bundled sample); None for a hub dataset."""
-    from sft_core.data import BUNDLED_SAMPLE
-    from sft_core.sources import parse_data_source
-
     src = parse_data_source(cfg.data.source, revision=cfg.data.revision)
     path = BUNDLED_SAMPLE if src.kind == "bundled" else src.path
     if path is None or not path.is_file():
         return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return content_sha256(path)  # already known when the preflight read the file
 
 
 def ingest_key(cfg: PipelineConfig) -> dict | None:
@@ -330,8 +62,6 @@ def ingest_key(cfg: PipelineConfig) -> dict | None:
 
 
 def ingest_body(cfg: PipelineConfig, folder: Path) -> dict:
-    from sft_core.data import dataset_digest, load_rows, write_jsonl
-
     d = cfg.data
     loaded = load_rows(d.source, subset=d.subset, split=d.split, revision=d.revision, cache_dir=d.cache_dir)
     write_jsonl(loaded.rows, folder / "raw.jsonl")
@@ -349,11 +79,6 @@ def validate_key(cfg: PipelineConfig, raw: Ingested, model: BaseModel | None) ->
 def validate_body(cfg: PipelineConfig, folder: Path, raw: Ingested, model: BaseModel | None) -> dict:
     """The suite on the ingested rows; the model's tokenizer says which strings are control tokens
     (without a model at hand, the suite's own list: the Qwen chat tokens)."""
-    from sft_core.chat import control_tokens
-    from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.modeling import load_tokenizer
-    from sft_core.validation import validate_rows
-
     d = cfg.data
     tokens = control_tokens(load_tokenizer(model.model_dir)) if model is not None else None
     result = validate_rows(
@@ -376,9 +101,6 @@ def split_key(cfg: PipelineConfig, valid: Validated) -> dict:
 
 
 def split_body(cfg: PipelineConfig, folder: Path, valid: Validated) -> dict:
-    from sft_core.data import dataset_digest, read_jsonl, write_jsonl
-    from sft_core.split import assign_validation, check_split, question_id, split_rows
-
     d = cfg.data
     train, val = split_rows(read_jsonl(valid.valid), method=d.split_method, train_fraction=d.train_fraction,
                             seed=d.split_seed)
@@ -404,10 +126,6 @@ def base_model_key(cfg: PipelineConfig) -> dict:
     """A hub model by source and revision (fetched once per workdir: pin a commit, or --refresh, to update);
     a local folder by its files' names, sizes and times; a GGUF file by its content (wherever it lies, however
     often it is copied, it converts once; a changed file converts again); a tiny model by its shape."""
-    from sft_core.sources import parse_model_source
-
-    from sft_core.tiny_model import tokenizer_origin
-
     m = cfg.model
     src = parse_model_source(m.source, revision=m.revision)
     spec: dict[str, Any] = {"source": src.uri()}
@@ -415,8 +133,6 @@ def base_model_key(cfg: PipelineConfig) -> dict:
         spec["tiny"] = m.tiny.model_dump()
         spec["tokenizer"] = tokenizer_origin(m.tiny)
     elif src.kind == "gguf":
-        from sft_core.gguf import file_sha256
-
         spec = {"gguf_sha256": file_sha256(src.path)}
     elif src.kind == "local" and src.path.is_dir():
         spec["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.path.iterdir()
@@ -425,8 +141,6 @@ def base_model_key(cfg: PipelineConfig) -> dict:
 
 
 def base_model_body(cfg: PipelineConfig, folder: Path) -> dict:
-    from sft_core.modeling import fetch_base_model
-
     return {"model_dir": str(fetch_base_model(cfg.model, folder, cfg.workdir_path))}
 
 
@@ -436,12 +150,6 @@ def tokenize_key(cfg: PipelineConfig, splits: Split, model: BaseModel) -> dict:
 
 
 def tokenize_body(cfg: PipelineConfig, folder: Path, splits: Split, model: BaseModel) -> dict:
-    from sft_core.data import read_jsonl
-    from sft_core.modeling import load_tokenizer
-    from sft_core.preflight import check_prompt_fits
-    from sft_core.split import question_id
-    from sft_core.tokenize import tokenize_rows
-
     tokenizer = load_tokenizer(model.model_dir, trust_remote_code=cfg.model.trust_remote_code)
     check_prompt_fits(cfg, tokenizer)  # a downloaded model's tokenizer is first seen here
     d = cfg.data
@@ -479,33 +187,17 @@ def train_body(cfg: PipelineConfig, folder: Path, tokens: Tokenized, splits: Spl
     """`sink(step, metrics)` receives every logged step (MLflow); `log(line)` one line of progress per step.
 
     Selection sees the selection set only: eval loss during training and the generation check at every save."""
-    from sft_core.launch import launch_training
-    from sft_core.train import run_training
-
     if not any(Path(folder).glob("checkpoint-*")):  # a fresh start (a resumed one has most of its files already)
         check_space(folder, training_space(cfg, model.model_dir), "training")
     if cfg.train.num_processes > 1:  # the ranks build the same generation check from the selection rows
-        return launch_training(cfg, model_dir=model.model_dir, tokens=tokens, select_rows=splits.select,
-                               max_new_tokens=max_new_tokens, output_dir=folder, sink=sink, log=log)
-    check = generation_check(cfg, splits.select, max_new_tokens)
-    return run_training(cfg, model_dir=model.model_dir, train_data=tokens.train_ds, eval_data=tokens.select_ds,
-                        output_dir=folder, sink=sink, progress=log, generation_check=check).own_fields()
-
-
-def generation_check(cfg: PipelineConfig, select_rows: str, max_new_tokens: int):
-    """The selection questions that checkpoint selection generates on (None: selection by loss or none)."""
-    from sft_core.data import read_jsonl
-    from sft_core.train import GenerationCheck
-
-    if cfg.train.metric_for_best_model != "gen_score" or cfg.eval.num_generate == 0:
-        return None
-    rows = read_jsonl(select_rows)[: cfg.eval.num_generate]
-    if not rows:
-        return None
-    return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
-                           system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
-                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
-                           engine=cfg.eval.engine, vllm=cfg.eval.vllm)
+        fields = launch_training(cfg, model_dir=model.model_dir, tokens=tokens, select_rows=splits.select,
+                                 max_new_tokens=max_new_tokens, output_dir=folder, sink=sink, log=log)
+    else:
+        check = generation_check(cfg, splits.select, max_new_tokens)
+        fields = run_training(cfg, model_dir=model.model_dir, train_data=tokens.train_ds, eval_data=tokens.select_ds,
+                              output_dir=folder, sink=sink, progress=log, generation_check=check).own_fields()
+    store_budget(fields["final_model_dir"], max_new_tokens)  # what `auto` means where the model goes next
+    return fields
 
 
 def evaluate_key(cfg: PipelineConfig, model: BaseModel | Trained, tokens: Tokenized) -> dict:
@@ -516,9 +208,6 @@ def evaluate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
     """Loss, perplexity and token accuracy of a model (fine-tuned or base) on the report set, and each report
     question's loss (what the gate's interval of a loss difference is built from)."""
     import datasets
-
-    from sft_core.evaluate import evaluate_model
-    from sft_core.modeling import load_model, load_tokenizer, resolve_device
 
     device = resolve_device(cfg.train.device)
     lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=device,
@@ -534,8 +223,6 @@ def evaluate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
 
 def report_rows(cfg: PipelineConfig, splits: Split) -> list[dict]:
     """The report questions generation answers: all of them, or the first `eval.num_generate`."""
-    from sft_core.data import read_jsonl
-
     return read_jsonl(splits.report)[: cfg.eval.num_generate]
 
 
@@ -548,11 +235,6 @@ def generate_key(cfg: PipelineConfig, model: BaseModel | Trained, splits: Split,
 def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained, splits: Split,
                   max_new_tokens: int, log: Callable[[str], None] | None = None) -> dict:
     """Greedy answers to the report questions, parsed and scored; `log` gets one progress line per batch."""
-    from sft_core.data import write_jsonl
-    from sft_core.generate import generate_answers, generation_metrics
-    from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device
-    from sft_core.split import question_id
-
     e = cfg.eval
     rows = report_rows(cfg, splits)
     questions, references = [r["question"] for r in rows], [r["answer"] for r in rows]
@@ -560,11 +242,9 @@ def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
     sampling = {"max_new_tokens": max_new_tokens, "do_sample": e.do_sample, "temperature": e.temperature,
                 "top_p": e.top_p, "repetition_penalty": e.repetition_penalty, "seed": cfg.train.seed}
     if e.engine == "vllm":  # the same prompts, stops (<|im_end|> for the base too) and parse, through a vLLM server
-        from sft_core.vllm_engine import generate_answers_vllm
-
         gens = generate_answers_vllm(model.model_dir, questions, system_prompt=cfg.data.system_prompt,
                                      references=references, progress=progress, vllm=e.vllm,
-                                     dtype=_vllm_dtype(cfg), **sampling)
+                                     dtype=_dtype_name(cfg), **sampling)
     else:
         tokenizer = load_tokenizer(model.model_dir)
         lm = load_model(model.model_dir, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
@@ -578,10 +258,8 @@ def generate_body(cfg: PipelineConfig, folder: Path, model: BaseModel | Trained,
     return {"predictions": str(path), "metrics": generation_metrics(gens)}
 
 
-def _vllm_dtype(cfg: PipelineConfig) -> str:
-    """The dtype vLLM loads the model in: the one the HF engine would use on this device."""
-    from sft_core.modeling import resolve_device, resolve_dtype
-
+def _dtype_name(cfg: PipelineConfig) -> str:
+    """The dtype the model runs in on this device (`float32`, `bfloat16`), for engines that take it by name."""
     return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.train.device))).removeprefix("torch.")
 
 
@@ -593,15 +271,13 @@ def harness_key(cfg: PipelineConfig, model: Trained, splits: Split, max_new_toke
 
 def harness_body(cfg: PipelineConfig, folder: Path, model: Trained, splits: Split, max_new_tokens: int) -> dict:
     """lm-evaluation-harness on the same report questions as `generate` (`eval.harness`)."""
-    from sft_core.harness import run_harness
-    from sft_core.modeling import resolve_device, resolve_dtype
-
-    device = resolve_device(cfg.train.device)
     return run_harness(model.model_dir, report_rows(cfg, splits), folder,
                        system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
                        batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
-                       device=device, dtype=str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."))
+                       device=resolve_device(cfg.train.device), dtype=_dtype_name(cfg))
 
+
+# --- the declarations ---------------------------------------------------------------------------------------
 
 _EVALUATE = ("sft_core.evaluate", "sft_core.loss", "sft_core.modeling")
 _GENERATE = ("sft_core.generate", "sft_core.chat", "sft_core.modeling")
@@ -616,34 +292,64 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("tokenize", "tokenize", Tokenized, tokenize_key, tokenize_body, ("sft_core.tokenize", "sft_core.chat")),
     Stage("train", "train", Trained, train_key, train_body,
           ("sft_core.train", "sft_core.checkpoints", "sft_core.loss", "sft_core.modeling", "sft_core.launch",
-           *_GENERATE), keep_partial=True),
+           *_GENERATE),
+          takes=("sink", "log"), keep_partial=True, resume_points=("checkpoint-*", "damaged-checkpoint-*")),
     Stage("evaluate", "evaluate", Evaluated, evaluate_key, evaluate_body, _EVALUATE),
-    Stage("generate", "generate", Generated, generate_key, generate_body, _GENERATE),
+    Stage("generate", "generate", Generated, generate_key, generate_body, _GENERATE, takes=("log",)),
     Stage("evaluate-base", "evaluate", Evaluated, evaluate_key, evaluate_body, _EVALUATE),
-    Stage("generate-base", "generate", Generated, generate_key, generate_body, _GENERATE),
+    Stage("generate-base", "generate", Generated, generate_key, generate_body, _GENERATE, takes=("log",)),
     Stage("harness", "harness", Harnessed, harness_key, harness_body, ("sft_core.harness", *_GENERATE)),
 )}
 STAGE_FOLDERS: tuple[str, ...] = tuple(dict.fromkeys(s.folder for s in STAGES.values()))
 
 
-def generation_budget(cfg: PipelineConfig, tokens: Tokenized):
-    """`eval.max_new_tokens` resolved against the validation responses (a `GenerationBudget`)."""
-    from sft_core.generate import resolve_max_new_tokens
-
-    return resolve_max_new_tokens(cfg.eval.max_new_tokens, tokens.val_response_lengths, cfg.data.max_length)
+def folder_stage(folder: str) -> Stage:
+    """The declaration behind a stage folder (stages sharing a folder share its rules)."""
+    return next(s for s in STAGES.values() if s.folder == folder)
 
 
-def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[str], None] = print) -> dict[str, Result]:
-    """ingest -> base model -> validate -> split -> tokenize, without orchestration (the `prepare` command)."""
-    raw = STAGES["ingest"].run(cfg, refresh=refresh)
-    log(f"ingest: {raw.rows} rows from {raw.location}")
-    model = STAGES["base-model"].run(cfg, refresh=refresh)
-    valid = STAGES["validate"].run(cfg, refresh=refresh, raw=raw, model=model)
+# --- the data stages, in order ----------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """What the data stages hand to training and evaluation."""
+
+    raw: Ingested
+    model: BaseModel
+    valid: Validated
+    splits: Split
+    tokens: Tokenized
+
+
+def prepare(run: Callable[..., Result], *, ingested: Callable[[Ingested], None] | None = None) -> Prepared:
+    """ingest -> base model -> validate -> split -> tokenize, each through `run(name, **inputs)`: `Stage.run` for
+    the CLI, a Prefect task in the flow. `ingested(raw)` is told as soon as the rows are in (the flow starts its
+    MLflow run then, while the other stages work)."""
+    raw = run("ingest")
+    if ingested is not None:
+        ingested(raw)
+    model = run("base-model")
+    valid = run("validate", raw=raw, model=model)
+    splits = run("split", valid=valid)
+    tokens = run("tokenize", splits=splits, model=model)
+    return Prepared(raw, model, valid, splits, tokens)
+
+
+def prepare_data(cfg: PipelineConfig, *, refresh: bool = False, log: Callable[[str], None] = print) -> Prepared:
+    """`prepare` without orchestration (the `prepare` and `harness` commands), one line per stage to `log`."""
+    def run(name: str, **inputs: Any) -> Result:
+        return STAGES[name].run(cfg, refresh=refresh, **inputs)
+
+    prepared = prepare(run, ingested=lambda raw: log(f"ingest: {raw.rows} rows from {raw.location}"))
+    valid, splits = prepared.valid, prepared.splits
     log(f"validate: {valid.good_rows} good, {valid.bad_rows} quarantined")
     for warning in valid.warnings:
         log(f"warning: {warning}")
-    splits = STAGES["split"].run(cfg, refresh=refresh, valid=valid)
     log(f"split: {splits.train_rows} train / {splits.val_rows} val ({splits.select_rows} choose the checkpoint, "
         f"{splits.report_rows} report)")
-    tokens = STAGES["tokenize"].run(cfg, refresh=refresh, splits=splits, model=model)
-    return {"ingest": raw, "validate": valid, "split": splits, "base-model": model, "tokenize": tokens}
+    return prepared
+
+
+def generation_budget(cfg: PipelineConfig, tokens: Tokenized) -> GenerationBudget:
+    """`eval.max_new_tokens` resolved against the validation responses."""
+    return resolve_max_new_tokens(cfg.eval.max_new_tokens, tokens.val_response_lengths, cfg.data.max_length)

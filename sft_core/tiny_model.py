@@ -8,6 +8,7 @@ trained here on the bundled sample with Qwen's special tokens and chat template.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from sft_core.chat import CHAT_TOKENS, ENDOFTEXT, IM_END, IM_START, THINK_CLOSE, THINK_OPEN
 from sft_core.config import TinyModelConfig
+from sft_core.data import BUNDLED_SAMPLE
+from sft_core.stage_engine import OWNED
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +39,18 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+def shared_dir() -> Path:
+    """`../shared` beside the checkout, where a machine keeps the real Qwen2.5 tokenizer and rows (CI's does, a
+    user's clone has none); `QWEN_SFT_SHARED_DIR` points elsewhere, or at nothing to run as such a clone."""
+    return Path(os.environ.get("QWEN_SFT_SHARED_DIR") or REPO_ROOT.parent / "shared")
+
+
 def find_qwen_tokenizer_dir() -> Path | None:
     """The real Qwen2.5 tokenizer files, when this machine has them."""
     candidates = []
     if os.environ.get("QWEN_TOKENIZER_DIR"):
         candidates.append(Path(os.environ["QWEN_TOKENIZER_DIR"]))
-    candidates.append(REPO_ROOT.parent / "shared" / "qwen2.5-tokenizer")
+    candidates.append(shared_dir() / "qwen2.5-tokenizer")
     for c in candidates:
         if (c / "tokenizer.json").exists() or (c / "vocab.json").exists():
             return c
@@ -50,8 +59,6 @@ def find_qwen_tokenizer_dir() -> Path | None:
 
 def sample_texts() -> list[str]:
     """Text of the bundled sample, to train the fallback BPE on."""
-    from sft_core.data import BUNDLED_SAMPLE
-
     texts = []
     for line in BUNDLED_SAMPLE.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -89,10 +96,6 @@ def build_bpe_tokenizer(vocab_size: int = 2048):
 
 def tokenizer_origin(cfg: TinyModelConfig) -> str:
     """What the tiny model's tokenizer will be built from: the Qwen2.5 files' path, or the BPE's corpus digest."""
-    import hashlib
-
-    from sft_core.data import BUNDLED_SAMPLE
-
     qwen_dir = find_qwen_tokenizer_dir() if cfg.tokenizer in ("auto", "qwen") else None
     if qwen_dir is not None:
         return f"qwen2.5:{qwen_dir}"
@@ -122,8 +125,6 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     The model is built in a hidden sibling folder and renamed into place when complete, so a process killed
     mid-build leaves no half-written `out_dir` (a 0-byte config.json) for a later run to trust.
     """
-    from sft_core.stages import OWNED
-
     cfg = cfg or TinyModelConfig()
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(p.name != OWNED for p in out.iterdir())):

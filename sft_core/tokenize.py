@@ -11,7 +11,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from sft_core.chat import IGNORE_INDEX, encode_example
+from sft_core.chat import IGNORE_INDEX, encode_example, render_prompt
+from sft_core.config import PipelineConfig
+from sft_core.errors import ConfigError
 
 
 @dataclass
@@ -114,3 +116,13 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 
     arr = np.asarray(values if len(values) else [0])
     return {f"p{q}": int(np.ceil(np.percentile(arr, q))) for q in (50, 90, 95, 99, 100)}
+
+
+def check_prompt_fits(cfg: PipelineConfig, tokenizer: Any) -> int:
+    """data.max_length must leave room after the system prompt and chat markup (ConfigError naming both)."""
+    prompt = render_prompt(tokenizer, "", cfg.data.system_prompt)
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if cfg.data.max_length <= prompt_tokens + 8:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for an answer: the system prompt "
+                          f"and chat markup alone take {prompt_tokens} tokens")
+    return prompt_tokens

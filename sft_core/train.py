@@ -8,21 +8,26 @@ examples apart through position_ids, and the run resumes from its last checkpoin
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from sft_core.chat import IGNORE_INDEX
-from sft_core.checkpoints import (checkpoint_problem, checkpoint_step, last_checkpoint,  # noqa: F401 (their old home)
-                                  make_checksum_callback, make_finite_loss_callback)
+from sft_core.checkpoints import checkpoint_step, last_checkpoint, make_checksum_callback, make_finite_loss_callback
 from sft_core.config import PipelineConfig, TrainConfig
-from sft_core.metrics import SELECTION
-
-if TYPE_CHECKING:
-    from sft_core.stages import Trained
+from sft_core.data import read_jsonl
+from sft_core.generate import generate_answers, generation_metrics
+from sft_core.metrics import SELECTION, SELECTION_LOSS
+from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device, resolve_dtype
+from sft_core.results import Trained
+from sft_core.vllm_engine import generate_answers_vllm
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 
@@ -49,8 +54,6 @@ class GenerationCheck:
     vllm: str | None = None
 
     def run(self, model: Any, tokenizer: Any) -> dict[str, float]:
-        from sft_core.generate import generate_answers, generation_metrics
-
         if self.engine == "vllm":
             gens = self._with_vllm(model, tokenizer)
         else:
@@ -60,19 +63,27 @@ class GenerationCheck:
         m = generation_metrics(gens)
         return {"gen_score": m["score"], **{k: m[k] for k in GENERATION_CHECK_METRICS[1:]}}
 
-
     def _with_vllm(self, model: Any, tokenizer: Any) -> list:
         """The weights as they are now, saved to a temporary folder a vLLM server loads (greedy, same stops)."""
-        import tempfile
-
-        from sft_core.vllm_engine import generate_answers_vllm
-
         with tempfile.TemporaryDirectory(prefix="selection-") as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             return generate_answers_vllm(folder, self.questions, system_prompt=self.system_prompt,
                                          max_new_tokens=self.max_new_tokens, references=self.references,
                                          repetition_penalty=self.repetition_penalty, vllm=self.vllm)
+
+
+def generation_check(cfg: PipelineConfig, select_rows: str | Path, max_new_tokens: int) -> GenerationCheck | None:
+    """The selection questions that checkpoint selection generates on (None: selection by loss or none)."""
+    if cfg.train.metric_for_best_model != "gen_score" or cfg.eval.num_generate == 0:
+        return None
+    rows = read_jsonl(select_rows)[: cfg.eval.num_generate]
+    if not rows:
+        return None
+    return GenerationCheck(questions=[r["question"] for r in rows], references=[r["answer"] for r in rows],
+                           system_prompt=cfg.data.system_prompt, max_new_tokens=max_new_tokens,
+                           batch_size=cfg.eval.generate_batch_size, repetition_penalty=cfg.eval.repetition_penalty,
+                           engine=cfg.eval.engine, vllm=cfg.eval.vllm)
 
 
 GENERATION_CHECK_METRICS = ("gen_score", "format_ok_rate", "stop_rate", "usable_rate", "rouge_l", "mean_new_tokens")
@@ -110,10 +121,6 @@ def return_freed_memory_to_os(threshold_bytes: int = 4 << 20) -> bool:
     and 0.6-0.8 s of kernel time instead of ~210k and 1.2-1.3 s at 1 MiB, for ~100 MB more
     peak RSS. Linux/glibc only; returns False (and changes nothing) elsewhere.
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -194,7 +201,6 @@ def make_trainer_class():
     """A `Trainer` whose loss skips prompt logits and which reports supervised tokens/s."""
     import torch
     from transformers import Trainer
-
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from sft_core.loss import compute_sft_loss
@@ -283,9 +289,8 @@ ProgressLine = Callable[[str], None]
 
 def progress_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     """One line per logged step: where training is and how it goes."""
-    short = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad",
-             "selection/loss": "eval loss", "selection/format_ok_rate": "format", "selection/stop_rate": "stop",
-             "selection/rouge_l": "rouge"}
+    short = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad", SELECTION_LOSS: "eval loss",
+             SELECTION + "format_ok_rate": "format", SELECTION + "stop_rate": "stop", SELECTION + "rouge_l": "rouge"}
     parts = [f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)"]
     parts += [f"{label} {metrics[k]:.4g}" for k, label in short.items() if k in metrics]
     if "train/tokens_per_second" in metrics:
@@ -356,14 +361,11 @@ def run_training(
     progress: ProgressLine | None = None,
     extra_callbacks: list | None = None,
     generation_check: GenerationCheck | None = None,
-) -> "Trained":
+) -> Trained:
     """Fine-tune `model_dir` on tokenized datasets saved with `save_to_disk`; resume when possible."""
     import datasets
     import torch
     from transformers import set_seed
-
-    from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft, resolve_device, resolve_dtype
-    from sft_core.stages import Trained
 
     tc = cfg.train
     out = Path(output_dir)

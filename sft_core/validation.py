@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from html import escape
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,8 +69,6 @@ class ValidationResult:
 
 def suites() -> Path:
     """The folder of the shipped suites (`expectations/` in the repository, `sft_core/expectations` in the wheel)."""
-    from importlib import resources
-
     return Path(str(resources.files("sft_core.expectations")))
 
 
@@ -251,8 +252,6 @@ def _run_gx(
     # object dtype keeps type checks per value (a number in a column of strings is one bad row)
     df = pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in present}, index=range(len(rows)))
 
-    import logging
-
     # an ephemeral context announces the temporary folder of its docs site at INFO on every run
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
@@ -420,8 +419,6 @@ def _listing(messages: list[str]) -> str:
 
 def render_report_html(report: dict[str, Any]) -> str:
     """The validation report as one HTML page with its own style: readable offline, from any artifact store."""
-    from html import escape
-
     ok = report["success"]
     rows = report["rows"]
     exp_rows = "".join(

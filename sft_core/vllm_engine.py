@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft_core.chat import encode_prompt, stop_token_ids
 from sft_core.engine import Engine, IncrementalDecoder, Piece, Sampling, StopCheck
-from sft_core.errors import EngineError
+from sft_core.errors import ConfigError, EngineError, ModelSourceError
+from sft_core.generate import _to_generation
 
 VLLM_ENV = "QWEN_SFT_VLLM"
 VENV_NAME = ".venv-vllm"
@@ -409,9 +411,6 @@ def generate_answers_vllm(
     import httpx
     from transformers import GenerationConfig
 
-    from sft_core.chat import encode_prompt, stop_token_ids
-    from sft_core.errors import ConfigError, ModelSourceError
-    from sft_core.generate import _to_generation
     from sft_core.modeling import load_tokenizer
 
     if references is not None and len(references) != len(questions):

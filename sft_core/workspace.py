@@ -11,7 +11,7 @@ answer (`tasks.tracking.registered_folders`), so this module knows nothing of ML
   training, whose partial folder is where a crashed run resumes: those go only with `partial=True`.
 
 What counts as the project's (the rule): a folder is deleted only when it carries the marker
-`.qwen-sft-owned` (`sft_core.stages.OWNED`), which `run_in_folder` writes into every stage folder it
+`.qwen-sft-owned` (`sft_core.stage_engine.OWNED`), which `run_in_folder` writes into every stage folder it
 creates and a model download into its partial folder; checkpoints go only from inside such a folder.
 A workdir where no stage folder carries it is not a workdir (`workdir=~` named the user's home, whose
 own `model/` and `split/` folders gc deleted): it is refused and nothing is deleted. Folders written
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft_core.errors import ConfigError
-from sft_core.stages import DONE, OWNED, STAGE_FOLDERS
+from sft_core.stage_engine import DONE, OWNED
+from sft_core.stages import STAGE_FOLDERS, folder_stage
 
 
 @dataclass
@@ -38,6 +39,18 @@ class GcPlan:
     def add(self, path: Path, reason: str) -> None:
         self.delete.append(path)
         self.reasons[path] = reason
+
+    def reason(self, path: Path) -> str:
+        return self.reasons.get(path, "damaged checkpoint")
+
+
+@dataclass
+class GcResult:
+    """What `gc` deleted (with `dry_run`: would delete), what it kept, and the bytes that freed."""
+
+    plan: GcPlan
+    freed_bytes: int
+    dry_run: bool
 
 
 def _unlocked(folder: Path) -> bool:
@@ -67,12 +80,17 @@ def require_workdir(workdir: Path) -> None:
 
 
 def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = False) -> GcPlan:
+    """What `gc` deletes: per stage folder, the finished folders past the `keep` newest (never one in `protected`,
+    what a registered version came from), the resume points of finished trainings, what crashed runs left (a
+    crashed training's folder only with `partial`: it resumes from it), unfinished downloads; never a folder
+    without the project's marker, nor one whose lock a running stage holds."""
     if keep < 1:
         raise ValueError("--keep must be >= 1")
     require_workdir(workdir)
     protected = {p.resolve() for p in protected}
     plan = GcPlan()
     for stage in STAGE_FOLDERS:
+        declared = folder_stage(stage)
         root = workdir / stage
         if not root.is_dir():
             continue
@@ -83,15 +101,14 @@ def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = F
         for i, folder in enumerate(done):
             if i < keep or folder.resolve() in protected:
                 plan.kept.append(folder)
-                if stage == "train":
-                    for ckpt in sorted([*folder.glob("checkpoint-*"), *folder.glob("damaged-checkpoint-*")]):
-                        plan.add(ckpt, "checkpoint of a finished training")
+                for point in sorted(p for pattern in declared.resume_points for p in folder.glob(pattern)):
+                    plan.add(point, "checkpoint of a finished training")
             else:
                 plan.add(folder, f"older than the {keep} newest finished {stage} folder(s)")
         for folder in (p for p in folders if not (p / DONE).exists()):
             if not _unlocked(folder):
                 plan.kept.append(folder)  # a run is working in it
-            elif stage == "train" and not partial:
+            elif declared.keep_partial and not partial:
                 plan.kept.append(folder)  # a crashed training resumes from it
                 plan.delete.extend(c for c in folder.glob("damaged-checkpoint-*"))
             else:
@@ -104,13 +121,12 @@ def plan_gc(workdir: Path, keep: int, protected: set[Path], *, partial: bool = F
     return plan
 
 
-def gc(workdir: Path, keep: int, protected: set[Path], dry_run: bool = False, partial: bool = False) -> dict:
+def gc(workdir: Path, keep: int, protected: set[Path], dry_run: bool = False, partial: bool = False) -> GcResult:
+    """Carry out `plan_gc` (unless `dry_run`)."""
     plan = plan_gc(workdir, keep, protected, partial=partial)
     freed = 0
     for folder in plan.delete:
         freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         if not dry_run:
             shutil.rmtree(folder, ignore_errors=True)
-    return {"deleted": [str(p) for p in plan.delete], "reasons": {str(k): v for k, v in plan.reasons.items()},
-            "kept": [str(p) for p in plan.kept], "foreign": [str(p) for p in plan.foreign], "bytes": freed,
-            "dry_run": dry_run}
+    return GcResult(plan, freed, dry_run)

@@ -6,24 +6,40 @@ so a re-run or a resumed crash never logs twice.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from sft_core.config import PipelineConfig
-from sft_core.metrics import (EVAL_EXAMPLES, EVAL_LOSS, EVAL_PERPLEXITY, EVAL_TOKEN_ACCURACY, FORMAT_OK, NUM_SAMPLES, ROUGE_L, STOP,
-                              USABLE, base, bounds, has_interval)
+from sft_core.metrics import (
+    EVAL_EXAMPLES,
+    EVAL_LOSS,
+    EVAL_PERPLEXITY,
+    EVAL_TOKEN_ACCURACY,
+    FORMAT_OK,
+    GEN,
+    HARNESS,
+    NUM_SAMPLES,
+    ROUGE_L,
+    STOP,
+    USABLE,
+    base,
+    bounds,
+    has_interval,
+    is_base,
+    own_and_base,
+)
 from sft_core.model_card import CardFacts, render_model_card
 from sft_core.report import build_report
-from sft_core.stages import Evaluated, Generated, Harnessed, Ingested, Split, Tokenized, Trained, Validated
+from sft_core.results import Evaluated, Generated, Harnessed, Ingested, Split, Tokenized, Trained, Validated
 from tasks import tracking
 from tasks.stage import can_heal
 
+
 def locked(fn):
     """Run a tracking task under its MLflow run's lock: two identical runs at once log each thing once."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(cfg: PipelineConfig, run_id: str, *args, **kwargs):
         with tracking.run_lock(cfg, run_id):
@@ -86,7 +102,7 @@ def final_metrics(evaluated: Evaluated, generated: Generated, base_eval: Evaluat
         m = ev.metrics
         out = {EVAL_LOSS: m["loss"], EVAL_PERPLEXITY: m["perplexity"], EVAL_TOKEN_ACCURACY: m["token_accuracy"],
                EVAL_EXAMPLES: m["examples"]}
-        return out | {f"gen/{k}": v for k, v in gen.metrics.items()}
+        return out | {GEN + k: v for k, v in gen.metrics.items()}
 
     metrics = named(evaluated, generated)
     if base_eval and base_gen:
@@ -104,9 +120,8 @@ def track_evaluation(cfg: PipelineConfig, run_id: str, trained: Trained, metrics
     marker = generated.folder + (base_gen.folder if base_gen else "")
     if tracking.is_logged(cfg, run_id, "qwen_sft.logged.eval", marker):
         return
-    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if not k.startswith("base/")},
-                         step=trained.global_step)
-    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if k.startswith("base/")}, step=0)
+    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if not is_base(k)}, step=trained.global_step)
+    tracking.log_metrics(cfg, run_id, {k: v for k, v in metrics.items() if is_base(k)}, step=0)
     tracking.log_predictions(cfg, run_id, generated.predictions, base_gen.predictions if base_gen else None)
     report = build_report(sets_file=splits.sets, metrics=metrics, predictions=generated.predictions,
                           losses=evaluated.losses, base_predictions=base_gen.predictions if base_gen else None,
@@ -121,9 +136,9 @@ def track_harness(cfg: PipelineConfig, run_id: str, trained: Trained, harnessed:
     """lm-evaluation-harness figures under `harness/`, its results and samples as artifacts."""
     if tracking.is_logged(cfg, run_id, "qwen_sft.logged.harness", harnessed.folder):
         return
-    tracking.log_metrics(cfg, run_id, {f"harness/{k}": v for k, v in harnessed.metrics.items()},
+    tracking.log_metrics(cfg, run_id, {HARNESS + k: v for k, v in harnessed.metrics.items()},
                          step=trained.global_step)
-    tracking.link_model_metrics(cfg, run_id, [f"harness/{k}" for k in harnessed.metrics])
+    tracking.link_model_metrics(cfg, run_id, [HARNESS + k for k in harnessed.metrics])
     tracking.log_artifact(cfg, run_id, harnessed.results, "harness")
     tracking.log_artifact(cfg, run_id, harnessed.samples, "harness")
     tracking.set_tags(cfg, run_id, {"qwen_sft.logged.harness": harnessed.folder})
@@ -133,11 +148,11 @@ def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Train
                generated: Generated, *, config: str | None = None, overrides: list[str] | None = None) -> CardFacts:
     """What the model card of this run's version says; `config` and `overrides` as the run was given them."""
     lines = Path(generated.predictions).read_text(encoding="utf-8").splitlines()
+    fine_tuned, base_figures = own_and_base(metrics)
     kept = Path(trained.best_checkpoint).name.rpartition("-")[2] if trained.best_checkpoint else ""
     return CardFacts(
         registered_name=cfg.registry.name, version=None, dataset_digest=raw.digest, train_rows=splits.train_rows,
-        val_rows=splits.val_rows, fine_tuned={k: v for k, v in metrics.items() if not k.startswith("base/")},
-        base={k.removeprefix("base/"): v for k, v in metrics.items() if k.startswith("base/")},
+        val_rows=splits.val_rows, fine_tuned=fine_tuned, base=base_figures,
         samples=[json.loads(x) for x in lines[:3] if x.strip()], train_steps=trained.global_step,
         selected_by=trained.selected_by, select_rows=splits.select_rows, report_rows=splits.report_rows,
         kept_step=int(kept) if kept.isdigit() else None, config=config, overrides=list(overrides or []),
@@ -147,14 +162,14 @@ def card_facts(cfg: PipelineConfig, raw: Ingested, splits: Split, trained: Train
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=can_heal)
 @locked
 def register(cfg: PipelineConfig, run_id: str, trained: Trained, metrics: dict, max_new_tokens: int,
-             facts: CardFacts) -> dict:
+             facts: CardFacts) -> tracking.Registration:
     """Log the model with its card, register a version, alias `candidate`, card as README.md and description."""
     model_uri = tracking.log_model(cfg, run_id, trained.final_model_dir, max_new_tokens=max_new_tokens,
                                    card=render_model_card(cfg, facts), step=trained.global_step)
-    tracking.link_model_metrics(cfg, run_id, [k for k in metrics if not k.startswith("base/")])
+    tracking.link_model_metrics(cfg, run_id, [k for k in metrics if not is_base(k)])
     headline = {k: metrics[k] for name in HEADLINE if name in metrics
                 for k in ((name, *bounds(name)) if has_interval(name) else (name,)) if k in metrics}
     registered = tracking.register(cfg, run_id, model_uri, headline, trained.key)
-    facts.version = registered["version"]
-    tracking.attach_model_card(cfg, model_uri, registered["version"], render_model_card(cfg, facts))
-    return {**registered, "model_uri": model_uri}
+    facts.version = registered.version
+    tracking.attach_model_card(cfg, model_uri, registered.version, render_model_card(cfg, facts))
+    return registered

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sft_core import process
+from sft_core.tiny_model import shared_dir
 
 # the test session is an entry point: the product's process set-up, offline, and no inherited tracking store
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +17,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 process.configure_process()
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = shared_dir()  # QWEN_SFT_SHARED_DIR=/nonexistent runs the suite as a clone without ../shared
 REAL_ROWS = SHARED / "data" / "delicate_medical_r1_sample.jsonl"
 QWEN_TOKENIZER = SHARED / "qwen2.5-tokenizer"
 

@@ -31,13 +31,13 @@ def test_the_demo_learns_the_format_and_to_stop_where_its_base_cannot(demo):
     """On the report questions (never seen by checkpoint selection), beyond noise: the lower end of the
     fine-tune's 95 % interval is above the upper end of its base's, for the format and for stopping."""
     _, summary = demo
-    m = summary["metrics"]
+    m = summary.metrics
     print({k: round(v, 4) for k, v in m.items()})
     assert m["gen/num_samples"] == m["base/gen/num_samples"] == m["eval/examples"], "every report question, both models"
     for rate in ("gen/format_ok_rate", "gen/stop_rate"):
         assert m[f"{rate}_lo"] > m[f"base/{rate}_hi"], (rate, m[rate], m[f"{rate}_lo"], m[f"base/{rate}_hi"])
     assert m["eval/loss"] < m["base/eval/loss"]
-    assert summary["registered"]["alias"] == "candidate"
+    assert summary.registered.alias == "candidate"
 
 
 def test_the_run_holds_the_comparison_the_model_card_and_the_harness_figures(demo):
@@ -47,21 +47,21 @@ def test_the_run_holds_the_comparison_the_model_card_and_the_harness_figures(dem
 
     cfg, summary = demo
     c = MlflowClient(tracking.tracking_uri(cfg))
-    run = c.get_run(summary["run_id"])
+    run = c.get_run(summary.run_id)
     for key in ("gen/format_ok_rate", "base/gen/format_ok_rate", "base/eval/loss", "harness/format_ok_rate",
                 "harness/rouge_l"):
         assert key in run.data.metrics, key
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "eval/loss")]
-    assert steps == [summary["train_steps"]], "the shipped model's eval loss, once, at the last training step"
+    assert steps == [summary.train_steps], "the shipped model's eval loss, once, at the last training step"
     assert {m.step for m in c.get_metric_history(run.info.run_id, "base/eval/loss")} == {0}
     table = json.loads(Path(c.download_artifacts(run.info.run_id, "predictions.json")).read_text(encoding="utf-8"))
     for column in ("question", "reference_answer", "base_output", "think", "answer", "format_ok", "stopped", "rouge_l"):
         assert column in table["columns"], column
-    version = c.get_model_version(cfg.registry.name, str(summary["registered"]["version"]))
+    version = c.get_model_version(cfg.registry.name, str(summary.registered.version))
     assert "| gen/format_ok_rate |" in version.description and "Medical disclaimer" in version.description
     from sft_core.metrics import shown
 
-    m = summary["metrics"]
+    m = summary.metrics
     assert f"| {shown('gen/format_ok_rate', m)} | {int(m['gen/num_samples'])} |" in version.description, \
         "the card shows the interval and n"
     folder = tracking.download_model(f"models:/{cfg.registry.name}@candidate", cfg)  # <logged model>/model
@@ -74,13 +74,13 @@ def test_the_harness_scores_the_demo_model_as_the_pipeline_does(demo):
     from tasks import tracking
 
     cfg, summary = demo
-    m = summary["metrics"]
+    m = summary.metrics
     assert m["harness/format_ok_rate"] == m["gen/format_ok_rate"] and m["harness/num_samples"] == m["gen/num_samples"]
     assert m["harness/rouge_l"] == pytest.approx(m["gen/rouge_l"])
     c = MlflowClient(tracking.tracking_uri(cfg))
-    table = json.loads(Path(c.download_artifacts(summary["run_id"], "predictions.json")).read_text(encoding="utf-8"))
+    table = json.loads(Path(c.download_artifacts(summary.run_id, "predictions.json")).read_text(encoding="utf-8"))
     ours = {row[table["columns"].index("question")]: row[table["columns"].index("format_ok")] for row in table["data"]}
-    theirs = [json.loads(x) for x in Path(c.download_artifacts(summary["run_id"], "harness/samples.jsonl"))
+    theirs = [json.loads(x) for x in Path(c.download_artifacts(summary.run_id, "harness/samples.jsonl"))
               .read_text(encoding="utf-8").splitlines()]
     assert {s["question"]: bool(s["format_ok"]) for s in theirs} == ours, "question by question, not only on average"
 
@@ -123,7 +123,7 @@ def test_the_harness_command_scores_the_registered_candidate(demo):
     done = CliRunner().invoke(app, ["harness", "-c", "demo", "--set", f"workdir={cfg.workdir_path}"],
                               env={"COLUMNS": "200"})
     assert done.exit_code == 0, done.output
-    assert f"logged under harness/ in MLflow run {summary['run_id']}" in done.output
+    assert f"logged under harness/ in MLflow run {summary.run_id}" in done.output
     rate = re.search(r"harness/format_ok_rate\W+([0-9.]+) \[", done.output)
-    assert rate and float(rate.group(1)) == pytest.approx(summary["metrics"]["gen/format_ok_rate"], abs=0.005), \
+    assert rate and float(rate.group(1)) == pytest.approx(summary.metrics["gen/format_ok_rate"], abs=0.005), \
         done.output

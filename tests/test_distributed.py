@@ -48,6 +48,7 @@ def test_train_task_trains_on_two_gloo_ranks_into_the_same_mlflow_run(tmp_path):
     from prefect import flow
 
     from sft_core import stages
+    from sft_core.results import Trained
     from tasks import tracking
     from tasks.stage import StageRunner
 
@@ -56,9 +57,9 @@ def test_train_task_trains_on_two_gloo_ranks_into_the_same_mlflow_run(tmp_path):
     run_id = tracking.start_or_resume_run(cfg, "distributed-test", "distributed-test", {}).run_id
 
     @flow(name="distributed-train-test")
-    def train_only() -> stages.Trained:
-        return StageRunner(cfg)("train", tokens=prepared["tokenize"], splits=prepared["split"],
-                                model=prepared["base-model"], max_new_tokens=8, run_id=run_id)
+    def train_only() -> Trained:
+        return StageRunner(cfg)("train", tokens=prepared.tokens, splits=prepared.splits, model=prepared.model,
+                                max_new_tokens=8, run_id=run_id)
 
     trained = train_only()
     folder = Path(trained.folder)
@@ -67,7 +68,7 @@ def test_train_task_trains_on_two_gloo_ranks_into_the_same_mlflow_run(tmp_path):
     assert result["global_step"] == STEPS
     assert json.loads((folder / "launch_result.json").read_text())["global_step"] == STEPS  # written by rank 0
     # each rank sees half the rows, so an epoch has half the optimizer steps of one process
-    rows_per_rank = math.ceil(prepared["split"].train_rows / 2)
+    rows_per_rank = math.ceil(prepared.splits.train_rows / 2)
     steps_per_epoch = math.ceil(rows_per_rank / cfg.train.per_device_train_batch_size)  # no accumulation in FAST
     assert result["epochs"] == pytest.approx(STEPS / steps_per_epoch)
     assert (Path(result["final_model_dir"]) / "model.safetensors").exists()
@@ -77,7 +78,7 @@ def test_train_task_trains_on_two_gloo_ranks_into_the_same_mlflow_run(tmp_path):
     assert [r["step"] for r in lines if "train/loss" in r] == list(range(1, STEPS + 1))
     assert [r["step"] for r in lines if "selection/loss" in r] == [0, 2, 4], "the learning curve on the selection questions"
     # a random tiny model starts near ln(vocab): the loss is not divided by the number of ranks
-    vocab = json.loads((Path(prepared["base-model"].model_dir) / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((Path(prepared.model.model_dir) / "config.json").read_text())["vocab_size"]
     assert lines[0]["train/loss"] == pytest.approx(math.log(vocab), abs=0.3)
 
     # the task streamed the ranks' metrics into the MLflow run while they trained

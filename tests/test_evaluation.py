@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 from sft_core.config import load_config
+from tests.sizes import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 FAST_GEN = [
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
-    "data.max_length=256", "train.max_steps=12", "train.eval_steps=6", "train.save_steps=6",
-    "train.logging_steps=3", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
+    *TINY_MODEL, "train.max_steps=12", "train.eval_steps=6", "train.save_steps=6", "train.logging_steps=3",
     "eval.max_new_tokens=6", "eval.batch_size=4", "eval.harness=false", "registry.enabled=false",
     "train.metric_for_best_model=gen_score", "eval.compare_base=true",
 ]
@@ -28,13 +27,13 @@ def watched(tmp_path_factory):
     """A demo-shaped run with selection by generation, every call to generation and training recorded."""
     from _pytest.monkeypatch import MonkeyPatch
 
-    import sft_core.generate as generate
+    import sft_core.stages as stages
     import sft_core.train as train
     from flows.finetune import run_in_process
 
     calls: list[tuple[str, list[str]]] = []
     trainings: list[str] = []
-    real_generate, real_train = generate.generate_answers, train.run_training
+    real_generate, real_train = stages.generate_answers, stages.run_training
 
     def spy_generate(model, tokenizer, questions, **kwargs):
         calls.append((sys._getframe(1).f_code.co_qualname, list(questions)))
@@ -45,8 +44,9 @@ def watched(tmp_path_factory):
         return real_train(cfg, **kwargs)
 
     patch = MonkeyPatch()
-    patch.setattr(generate, "generate_answers", spy_generate)
-    patch.setattr(train, "run_training", spy_train)
+    patch.setattr(stages, "generate_answers", spy_generate)  # the generate stages
+    patch.setattr(train, "generate_answers", spy_generate)  # the generation check inside training
+    patch.setattr(stages, "run_training", spy_train)
     workdir = tmp_path_factory.mktemp("evaluation")
     try:
         summary = run_in_process("demo", [*FAST_GEN, f"workdir={workdir}"])
@@ -78,7 +78,7 @@ def test_no_report_question_is_ever_generated_during_selection(watched):
 
 def test_every_reported_figure_is_on_the_report_set_with_its_interval(watched):
     summary, sets, *_ = watched
-    m = summary["metrics"]
+    m = summary.metrics
     n = len(sets["report"])
     assert m["gen/num_samples"] == m["base/gen/num_samples"] == n and m["eval/examples"] == n
     for name in ("gen/format_ok_rate", "gen/stop_rate", "gen/usable_rate", "base/gen/format_ok_rate"):
@@ -92,13 +92,12 @@ def test_every_reported_figure_is_on_the_report_set_with_its_interval(watched):
 
 def test_the_run_logs_the_sets_and_a_report_the_gate_can_pair(watched):
     from mlflow import MlflowClient
-
     from tasks import tracking
 
     summary, sets, _, _, workdir = watched
     cfg = load_config("demo", [*FAST_GEN, f"workdir={workdir}"])
     c = MlflowClient(tracking.tracking_uri(cfg))
-    run_id = summary["run_id"]
+    run_id = summary.run_id
     logged_sets = json.loads(Path(c.download_artifacts(run_id, "evaluation/validation_sets.json")).read_text())
     assert logged_sets == sets and "sha256(question)" in logged_sets["rule"]
     report = json.loads(Path(c.download_artifacts(run_id, tracking.REPORT_ARTIFACT)).read_text())

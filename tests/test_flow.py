@@ -14,21 +14,13 @@ import pytest
 
 from sft_core.config import load_config
 from tests.servers import mlflow_server
+from tests.sizes import FLOW
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-FAST = [
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
-    "data.max_length=256",
-    "train.max_steps=24", "train.eval_steps=12", "train.save_steps=12", "train.logging_steps=1",
-    "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
-    "eval.num_generate=3", "eval.max_new_tokens=8", "eval.batch_size=4",
-    # the registry loop and caching on a model too small to learn: selection by eval loss (no generation while
-    # training), no base comparison (its gate would refuse an untrained candidate), no lm-eval; the demo's own
-    # test (tests/test_demo.py) runs all three
-    "train.metric_for_best_model=loss", "eval.compare_base=false", "eval.harness=false",
-    "registry.name=flow-test-model",
-]
+# the registry loop and caching on a model too small to learn; no base comparison (its gate would refuse an
+# untrained candidate)
+FAST = [*FLOW, "eval.compare_base=false", "registry.name=flow-test-model"]
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +62,15 @@ def _client(server):
 def test_first_run_tracks_everything(first, server):
     cfg, summary, seconds = first
     print(f"first run: {seconds:.1f} s")
-    assert all(r["status"] == "ran" for r in summary["stages"] if r["stage"] != "base-model")
-    assert summary["train_steps"] == 24
+    assert all(r.status == "ran" for r in summary.stages if r.stage != "base-model")
+    assert summary.train_steps == 24
     c = _client(server)
-    run = c.get_run(summary["run_id"])
+    run = c.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
     exp = c.get_experiment(run.info.experiment_id)
     assert exp.name == "sample--qwen2"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "the type the UI's selector writes"
-    assert summary["run_url"].endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), \
+    assert summary.run_url.endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), \
         "the link opens the run in the model-training view"
     # the run's name says what differs from the preset; its description says how to run it again
     assert run.info.run_name.startswith("demo ") and "train.max_steps=24" in run.info.run_name
@@ -139,7 +131,7 @@ def test_first_run_tracks_everything(first, server):
     assert len(table["data"]) == 3
     # registry
     mv = c.get_model_version_by_alias("flow-test-model", "candidate")
-    assert mv.run_id == run.info.run_id and int(mv.version) == summary["registered"]["version"]
+    assert mv.run_id == run.info.run_id and int(mv.version) == summary.registered.version
     assert "eval_loss" in mv.tags and mv.tags["run_id"] == run.info.run_id
     # the logged model carries the fine-tune's figures and names its version
     logged = c.get_logged_model(mv.source.split("/")[-1])  # models:/m-<id>
@@ -163,7 +155,7 @@ def test_flow_runs_have_names_a_person_tells_apart(first, server):
     from prefect.client.orchestration import get_client
 
     _, summary, _ = first
-    flow_run_id = _client(server).get_run(summary["run_id"]).data.tags["prefect.flow_run_id"]
+    flow_run_id = _client(server).get_run(summary.run_id).data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as prefect:
         name = prefect.read_flow_run(flow_run_id).name
     assert name.startswith("demo ") and "train.max_steps=24" in name, name
@@ -181,40 +173,40 @@ def test_second_run_is_all_cached(first, workdir, server):
     cfg, summary, first_seconds = first
     before = _stage_files(workdir)
     assert any(k.startswith("train/") and k.endswith(".safetensors") for k in before)
-    measured = _client(server).get_run(summary["run_id"]).info
+    measured = _client(server).get_run(summary.run_id).info
     again, seconds = _run(cfg)
     print(f"first run {first_seconds:.1f} s, cached re-run {seconds:.1f} s ({seconds / first_seconds:.1%})")
     assert _stage_files(workdir) == before, "a cached re-run rewrote stage outputs"
-    statuses = {r["stage"]: r["status"] for r in again["stages"]}
+    statuses = {r.stage: r.status for r in again.stages}
     assert set(statuses.values()) == {"cached"}, statuses
-    assert again["run_id"] == summary["run_id"], "a re-run continues the same MLflow run"
-    run = _client(server).get_run(summary["run_id"])
+    assert again.run_id == summary.run_id, "a re-run continues the same MLflow run"
+    run = _client(server).get_run(summary.run_id)
     assert (run.info.status, run.info.start_time, run.info.end_time) == ("FINISHED", measured.start_time,
                                                                          measured.end_time), "the duration was rewritten"
     flow_runs = run.data.tags["prefect.flow_run_ids"].split(",")
     assert len(flow_runs) == 2 and flow_runs[0] == run.data.tags["prefect.flow_run_id"], "every flow run is kept"
     assert run.data.tags["qwen_sft.continuations"] == "1" and run.data.tags["qwen_sft.last_continuation"] == "finished"
-    assert again["registered"]["version"] == summary["registered"]["version"], "no duplicate version"
-    assert not again["retrained"]
+    assert again.registered.version == summary.registered.version, "no duplicate version"
+    assert not again.retrained
     c = _client(server)
     assert len(c.search_model_versions("name = 'flow-test-model'")) == 1
-    assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == list(range(1, 25))
+    assert sorted({m.step for m in c.get_metric_history(summary.run_id, "train/loss")}) == list(range(1, 25))
 
 
 def test_eval_change_reruns_only_evaluation_stages(first, workdir, server):
     cfg, summary, _ = first
     changed = _cfg(workdir, server, "eval.max_new_tokens=12", "eval.batch_size=2")
     result, _ = _run(changed)
-    statuses = {r["stage"]: r["status"] for r in result["stages"]}
+    statuses = {r.stage: r.status for r in result.stages}
     for stage in ("ingest", "validate", "split", "base-model", "tokenize", "train"):
         assert statuses[stage] == "cached", (stage, statuses)
     for stage in ("evaluate", "generate", "register"):
         assert statuses[stage] == "ran", (stage, statuses)
-    assert result["run_id"] != summary["run_id"], "a new config is a new MLflow run"
+    assert result.run_id != summary.run_id, "a new config is a new MLflow run"
     # the new run still has the full training curves (copied from the cached train stage)
     c = _client(server)
-    assert len({m.step for m in c.get_metric_history(result["run_id"], "train/loss")}) == 24
-    assert result["registered"]["version"] == summary["registered"]["version"] + 1
+    assert len({m.step for m in c.get_metric_history(result.run_id, "train/loss")}) == 24
+    assert result.registered.version == summary.registered.version + 1
 
 
 def test_an_unchanged_rerun_moves_no_alias(first, workdir, server):
@@ -223,13 +215,12 @@ def test_an_unchanged_rerun_moves_no_alias(first, workdir, server):
     from tasks.tracking import aliases
 
     cfg, summary, _ = first
-    assert aliases(cfg)["candidate"] == summary["registered"]["version"] + 1, "the eval-change run's version"
+    assert aliases(cfg)["candidate"] == summary.registered.version + 1, "the eval-change run's version"
     again, _ = _run(cfg)
-    assert again["registered"]["reused"] and again["registered"]["version"] == summary["registered"]["version"]
-    assert aliases(cfg)["candidate"] == summary["registered"]["version"] + 1, "a cached re-run took @candidate back"
-    from flows.finetune import registration_line
+    assert again.registered.reused and again.registered.version == summary.registered.version
+    assert aliases(cfg)["candidate"] == summary.registered.version + 1, "a cached re-run took @candidate back"
 
-    assert "no alias moved" in registration_line(again["registered"])
+    assert "no alias moved" in again.registered.line()
 
 
 def test_promote_refuse_and_rollback(first, server):
@@ -239,7 +230,7 @@ def test_promote_refuse_and_rollback(first, server):
     cfg, summary, _ = first
     name = cfg.registry.name
     c = _client(server)
-    v1 = summary["registered"]["version"]
+    v1 = summary.registered.version
     first_promo = promote(cfg, version=v1)
     assert first_promo.production == v1 and first_promo.previous is None and not first_promo.forced
     # a new candidate with the same figures (the same run's model registered again) is a tie with production:
@@ -315,18 +306,18 @@ def test_refresh_after_two_plain_runs_reruns_every_stage_and_keeps_the_registry_
     second version."""
     cfg, summary, _ = first
     plain, _ = _run(cfg)  # two plain runs by now: every stage has a Prefect cache record
-    assert {r["status"] for r in plain["stages"]} == {"cached"}
+    assert {r.status for r in plain.stages} == {"cached"}
     done_before = {p: p.stat().st_mtime_ns for p in workdir.glob("*/*/_DONE.json")}
     c = _client(server)
     versions = len(c.search_model_versions("name = 'flow-test-model'"))
     refreshed, _ = _run(cfg, refresh=True)
-    statuses = {r["stage"]: r["status"] for r in refreshed["stages"]}
+    statuses = {r.stage: r.status for r in refreshed.stages}
     assert all(statuses[s] == "ran" for s in statuses if s != "register"), statuses
     rewritten = {p.parent for p, mtime in done_before.items() if p.exists() and p.stat().st_mtime_ns != mtime}
-    used = {Path(r["folder"]) for r in refreshed["stages"] if r["folder"]}
-    assert used == {Path(r["folder"]) for r in plain["stages"] if r["folder"]}, "the same folders, rewritten"
+    used = {Path(r.folder) for r in refreshed.stages if r.folder}
+    assert used == {Path(r.folder) for r in plain.stages if r.folder}, "the same folders, rewritten"
     assert used <= rewritten, "each stage folder of this config was rewritten"
-    assert refreshed["run_id"] == summary["run_id"] and refreshed["retrained"]
-    assert refreshed["registered"]["version"] == summary["registered"]["version"], "same train key: same version"
+    assert refreshed.run_id == summary.run_id and refreshed.retrained
+    assert refreshed.registered.version == summary.registered.version, "same train key: same version"
     assert len(c.search_model_versions("name = 'flow-test-model'")) == versions
-    assert sorted({m.step for m in c.get_metric_history(summary["run_id"], "train/loss")}) == list(range(1, 25))
+    assert sorted({m.step for m in c.get_metric_history(summary.run_id, "train/loss")}) == list(range(1, 25))

@@ -36,14 +36,14 @@ def test_the_pretrained_demo_path_fine_tunes_a_gguf_below_its_base_loss_and_regi
     cfg = load_config("pretrained-demo", overrides)
     summary = run_in_process("pretrained-demo", overrides)  # as `qwen-sft run -c pretrained-demo --set ...` runs it
 
-    m = summary["metrics"]
+    m = summary.metrics
     print({k: round(v, 4) for k, v in m.items()})
     assert m["base/eval/loss"] > math.log(VOCAB) - 0.5, "the tiny base is random: its loss is about ln(vocabulary)"
     assert m["eval/loss"] < m["base/eval/loss"] - 0.3, "the fine-tune learned from the sample"
-    assert summary["train_steps"] == 29, "one epoch of 113 rows at batch 1 x GA 4, the preset's recipe"
-    stages = {r["stage"]: r["status"] for r in summary["stages"]}
+    assert summary.train_steps == 29, "one epoch of 113 rows at batch 1 x GA 4, the preset's recipe"
+    stages = {r.stage: r.status for r in summary.stages}
     assert stages["base-model"] == "ran" and stages["register"] == "ran"
-    assert summary["registered"]["alias"] == "candidate"
+    assert summary.registered.alias == "candidate"
 
     folder = tracking.download_model(f"models:/{cfg.registry.name}@candidate", cfg)
     tokenizer = AutoTokenizer.from_pretrained(folder)  # the tutorial's way: a normal folder, no gguf_file

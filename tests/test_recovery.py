@@ -391,7 +391,7 @@ def test_training_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_di
 
     prepared = prepare_data(cfg, log=lambda _m: None)
     with pytest.raises(StorageError) as exc:
-        STAGES["train"].run(cfg, tokens=prepared["tokenize"], splits=prepared["split"], model=prepared["base-model"],
+        STAGES["train"].run(cfg, tokens=prepared.tokens, splits=prepared.splits, model=prepared.model,
                             max_new_tokens=64)
     message = str(exc.value)
     assert message.startswith("training needs about ") and str(disk) in message and "free" in message, message
@@ -399,7 +399,8 @@ def test_training_that_cannot_fit_is_refused_before_it_starts(tmp_path, small_di
 
 
 def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(tmp_path):
-    from sft_core.stages import OWNED, Evaluated, write_done
+    from sft_core.results import Evaluated
+    from sft_core.stage_engine import OWNED, write_done
     from sft_core.workspace import gc
 
     finished = tmp_path / "train" / "done"
@@ -423,7 +424,7 @@ def test_gc_frees_finished_checkpoints_and_orphans_but_not_a_resumable_training(
     assert not (finished / "checkpoint-4").exists() and (finished / "final" / "model.safetensors").exists()
     assert not orphan.exists() and not partial_download.exists() and not (crashed / "damaged-checkpoint-4").exists()
     assert (crashed / "checkpoint-2").exists(), "a crashed training resumes from it"
-    assert result["bytes"] >= 8000
+    assert result.freed_bytes >= 8000
     gc(tmp_path, keep=1, protected=set(), partial=True)
     assert not crashed.exists()
 

@@ -18,17 +18,13 @@ from typer.testing import CliRunner
 from flows.cli import app
 from sft_core.config import load_config
 from tests.servers import free_port, mlflow_server
+from tests.sizes import NO_GENERATION_WHILE_TRAINING, TINY_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = REPO / "tests" / "data" / "bad"
 EXPECTED: dict[str, dict] = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))
-FAST = [
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
-    "data.max_length=256", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
-    "train.logging_steps=1", "eval.num_generate=2", "eval.max_new_tokens=4", "eval.batch_size=4",
-    "train.metric_for_best_model=loss", "eval.compare_base=false", "eval.harness=false",
-    "registry.name=reliability-model",
-]
+FAST = [*TINY_MODEL, *NO_GENERATION_WHILE_TRAINING, "train.logging_steps=1", "eval.num_generate=2",
+        "eval.max_new_tokens=4", "eval.batch_size=4", "eval.compare_base=false", "registry.name=reliability-model"]
 runner = CliRunner()
 
 
@@ -134,9 +130,8 @@ def test_a_file_tracking_store_fails_in_seconds_with_one_line(tmp_path: Path, mo
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_bad_dataset_in_the_flow_trains_and_registers_nothing(tmp_path: Path):
-    from mlflow import MlflowClient
-
     from flows.finetune import finetune
+    from mlflow import MlflowClient
     from sft_core.errors import DataValidationError
 
     bad = next(k for k, v in EXPECTED.items() if v["error"] == "DataValidationError" and "bad_rows" in v)
@@ -240,7 +235,6 @@ def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
 @pytest.mark.slow
 def test_metrics_survive_a_tracking_server_outage(tmp_path: Path):
     from mlflow import MlflowClient
-
     from tasks.tracking import BufferedMetricLogger
 
     with mlflow_server(tmp_path) as srv:
@@ -268,7 +262,8 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path: Path):
 # --- 4. concurrency -----------------------------------------------------------------------
 
 def test_same_stage_twice_at_once_runs_once(tmp_path: Path):
-    from sft_core.stages import Evaluated, run_in_folder
+    from sft_core.results import Evaluated
+    from sft_core.stage_engine import run_in_folder
 
     calls = []
 
@@ -291,7 +286,8 @@ def test_same_stage_twice_at_once_runs_once(tmp_path: Path):
 
 
 def test_different_configs_get_different_folders():
-    from sft_core.stages import STAGES, BaseModel, Split, Tokenized
+    from sft_core.results import BaseModel, Split, Tokenized
+    from sft_core.stages import STAGES
 
     splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t", val_digest="v",
                    select="s", report="r", select_rows=0, report_rows=1, sets="j", sets_digest="d")
@@ -314,7 +310,8 @@ def test_different_configs_get_different_folders():
 # --- 5. gc ----------------------------------------------------------------------------------
 
 def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
-    from sft_core.stages import OWNED, Evaluated, write_done
+    from sft_core.results import Evaluated
+    from sft_core.stage_engine import OWNED, write_done
     from sft_core.workspace import gc
     from tasks import tracking
 
@@ -342,14 +339,15 @@ def test_gc_keeps_newest_and_registered_folders(tmp_path: Path):
     assert folders[0].exists(), "a registered version's folder was deleted"
     assert folders[3].exists() and not folders[1].exists() and not folders[2].exists()
     assert unfinished.exists(), "an unfinished (resumable) folder was deleted"
-    assert result["bytes"] >= 2000
+    assert result.freed_bytes >= 2000
 
 
 def test_gc_deletes_only_what_qwen_sft_wrote_and_refuses_a_folder_that_is_no_workdir(tmp_path: Path):
     """`gc --keep 1 --set workdir=~` deleted the user's own ~/model/..., ~/ingest/..., ~/split/... as "left by a run
     that stopped". gc deletes only folders carrying the marker run_in_folder writes, and refuses a workdir with
     none (exit 2: nothing deleted, no MLflow store created there)."""
-    from sft_core.stages import Evaluated, run_in_folder
+    from sft_core.results import Evaluated
+    from sft_core.stage_engine import run_in_folder
 
     home = tmp_path / "home"
     mine = [home / "model" / "mine", home / "ingest" / "photos", home / "split" / "taxes", home / "downloads" / "x.partial"]

@@ -128,8 +128,8 @@ def test_promoted_model_answers_over_http(tmp_path):
     with pytest.raises(PromotionError, match="no @production version"):
         check_alias(cfg)
     summary = finetune(config="demo", overrides=overrides)
-    version = summary["registered"]["version"]
-    assert summary["promoted"]["production"] == version, "auto_promote moves the first candidate to production"
+    version = summary.registered.version
+    assert summary.promoted.production == version, "auto_promote moves the first candidate to production"
     assert aliases(cfg) == {"candidate": version, "production": version} and check_alias(cfg) == version
     mlflow.set_tracking_uri(tracking_uri(cfg))
     info = mlflow.models.get_model_info(model_uri(cfg))

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from sft_core.config import load_config
-from sft_core.stages import DONE, STAGES, Evaluated, read_done, run_in_folder
+from sft_core.results import Evaluated
+from sft_core.stage_engine import DONE, read_done, run_in_folder
+from sft_core.stages import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,10 +34,10 @@ def test_every_stage_is_declared_once_with_a_result_type_and_its_modules():
 
 def _write(path: Path, text: str) -> None:
     """Edit a module, as between two runs: code versions are computed once per process, so start afresh."""
-    from sft_core import stages
+    from sft_core import stage_engine
 
     path.write_text(text, encoding="utf-8")
-    stages._code_version_locked.cache_clear()
+    stage_engine._code_version_locked.cache_clear()
 
 
 def test_a_changed_line_of_training_code_retrains_and_a_comment_does_not(tmp_path, monkeypatch):
@@ -56,7 +58,7 @@ def test_a_changed_line_of_training_code_retrains_and_a_comment_does_not(tmp_pat
 
 
 def _train_inputs() -> dict:
-    from sft_core.stages import BaseModel, Split, Tokenized
+    from sft_core.results import BaseModel, Split, Tokenized
 
     splits = Split(key="s", folder="f", train="t", val="v", train_rows=1, val_rows=1, train_digest="t",
                    val_digest="v", select="s", report="r", select_rows=0, report_rows=1, sets="j", sets_digest="d")
@@ -66,7 +68,7 @@ def _train_inputs() -> dict:
 
 def test_a_changed_stage_runs_again_into_a_new_folder_and_an_unchanged_one_is_reused(tmp_path, monkeypatch):
     """End to end on a real stage (split): the same code reuses the folder; new code writes a new one."""
-    from sft_core.stages import Validated
+    from sft_core.results import Validated
 
     monkeypatch.syspath_prepend(str(tmp_path))
     probe = tmp_path / "probe_split_code.py"
@@ -213,7 +215,41 @@ def test_the_generate_stage_says_how_far_it_is(tmp_path):
                                "model.tiny.vocab_size=1024", "eval.num_generate=5", "eval.generate_batch_size=2"])
     prepared = stages.prepare_data(cfg, log=lambda _: None)
     lines: list[str] = []
-    stages.STAGES["generate"].run(cfg, extras={"log": lines.append}, model=prepared["base-model"],
-                                  splits=prepared["split"], max_new_tokens=4)
+    stages.STAGES["generate"].run(cfg, extras={"log": lines.append}, model=prepared.model, splits=prepared.splits,
+                                  max_new_tokens=4)
     assert lines == ["answered 2/5 report questions", "answered 4/5 report questions",
                      "answered 5/5 report questions"]
+
+
+_OPENED: list[str] = []
+
+
+def _count_opens(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED and isinstance(args[0], (str, Path)):
+        _OPENED.append(str(args[0]))
+
+
+def test_a_run_parses_its_data_source_once_and_reads_the_file_at_most_twice(tmp_path):
+    """The preflight and the data stages of a run (everything that reads `data.source`): one parse, two reads at
+    most (the preflight's check, then ingest, which finds the file's hash already known)."""
+    from sft_core.data import BUNDLED_SAMPLE
+    from sft_core.preflight import preflight
+    from sft_core.sources import parse_data_source
+    from sft_core.stages import prepare_data
+
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(BUNDLED_SAMPLE.read_bytes())
+    cfg = load_config("demo", [f"workdir={tmp_path / 'work'}", f"data.source={data}", "model.tiny.hidden_size=32",
+                               "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024"])
+    sys.addaudithook(_count_opens)  # a hook stays for the process: it counts only while _OPENED is non-empty
+    parse_data_source.cache_clear()
+    _OPENED[:] = ["(counting)"]
+    try:
+        preflight(cfg)
+        prepare_data(cfg, log=lambda _: None)
+        parses = parse_data_source.cache_info().misses
+    finally:
+        opened, _OPENED[:] = _OPENED[1:], []
+    reads = [p for p in opened if Path(p).resolve() == data.resolve()]
+    assert parses == 1, "data.source parsed more than once"
+    assert 1 <= len(reads) <= 2, f"the data file was opened {len(reads)} times"

@@ -7,13 +7,17 @@ import re
 
 import pytest
 
-from flows.finetune import _markdown, describe, registration_line
+from flows.finetune import RunSummary, _markdown, describe
 from sft_core.config import load_config, redact_uri
+from tasks.stage import StageRow
+from tasks.tracking import Registration
 
 
-def _summary(url: str, local: bool, registered: dict | None) -> dict:
-    return {"run_id": "abc123", "run_url": url, "needs_local_ui": local, "metrics": {"eval/loss": 1.5},
-            "stages": [{"stage": "train", "status": "ran", "seconds": 3.0}], "registered": registered}
+def _summary(url: str, local: bool, registered: Registration | None) -> RunSummary:
+    return RunSummary(run_id="abc123", run_url=url, tracking_uri="sqlite:///x.db", needs_local_ui=local,
+                      stages=[StageRow(stage="train", status="ran", seconds=3.0)], metrics={"eval/loss": 1.5},
+                      registered=registered, promoted=None, retrained=True, dataset_digest="d", config_hash="c",
+                      train_steps=3)
 
 
 def test_the_prefect_summary_links_to_the_mlflow_run_with_a_working_url():
@@ -27,11 +31,13 @@ def test_the_prefect_summary_links_to_the_mlflow_run_with_a_working_url():
 
 
 def test_registration_says_what_it_did_to_the_aliases():
-    new = {"name": "m", "version": 3, "alias": "candidate", "reused": False, "aliases": {"candidate": 3}}
-    old = {"name": "m", "version": 1, "alias": None, "reused": True, "aliases": {"candidate": 2, "production": 2}}
-    assert registration_line(new) == "Registered `m` version 3 as `@candidate`."
-    assert registration_line(old) == ("Version 1 of `m` was already registered for this config and data; no alias "
-                                      "moved (@candidate v2, @production v2).")
+    new = Registration(name="m", version=3, alias="candidate", reused=False, aliases={"candidate": 3})
+    old = Registration(name="m", version=1, alias=None, reused=True, aliases={"candidate": 2, "production": 2})
+    assert new.line() == "Registered `m` version 3 as `@candidate`."
+    assert old.line() == ("Version 1 of `m` was already registered for this config and data; no alias moved "
+                          "(@candidate v2, @production v2).")
+    text = _markdown(load_config("demo"), _summary("http://h/#/runs/abc123", False, new))
+    assert text.endswith("Registered `m` version 3 as `@candidate`."), "the run summary ends on what registering did"
 
 
 def test_run_names_say_what_differs_and_leave_out_where_it_ran():
@@ -72,7 +78,6 @@ def test_the_experiment_is_typed_for_model_training_and_its_links_open_on_the_ru
     from pathlib import Path
 
     import mlflow
-
     from tasks import tracking
 
     bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"

@@ -231,7 +231,7 @@ def test_a_run_with_vllm_as_the_evaluation_engine_reports_what_the_hf_engine_rep
     from pathlib import Path
 
     def selection_scores(summary) -> dict[int, float]:
-        folder = next(Path(r["folder"]) for r in summary["stages"] if r["stage"] == "train")
+        folder = next(Path(r.folder) for r in summary.stages if r.stage == "train")
         lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["selection/gen_score"] for r in lines if "selection/gen_score" in r}
 

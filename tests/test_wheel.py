@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.sizes import NO_GENERATION_WHILE_TRAINING, TINY_MODEL
+
 REPO = Path(__file__).resolve().parent.parent
-FAST = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=1024",
-        "data.max_length=256", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
-        "eval.num_generate=2", "eval.max_new_tokens=8", "eval.harness=false", "train.metric_for_best_model=loss"]
+FAST = [*TINY_MODEL, *NO_GENERATION_WHILE_TRAINING, "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
+        "eval.num_generate=2", "eval.max_new_tokens=8"]
 
 
 @pytest.mark.slow

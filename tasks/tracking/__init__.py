@@ -8,14 +8,12 @@
 """
 
 from tasks.tracking.models import (
-    ALIASES,
-    CANDIDATE,
     PIP_REQUIREMENTS,
-    PREVIOUS,
-    PRODUCTION,
     REPORT_ARTIFACT,
     Promotion,
+    Registration,
     Rollback,
+    aliases_line,
     aliases,
     attach_model_card,
     download_model,
@@ -60,7 +58,7 @@ from tasks.tracking.runs import (
 from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri, warm_store
 
 __all__ = [
-    "ALIASES", "CANDIDATE", "PREVIOUS", "PRODUCTION", "REPORT_ARTIFACT", "Promotion", "Rollback", "log_json",
+    "REPORT_ARTIFACT", "Promotion", "Registration", "Rollback", "aliases_line", "log_json",
     "FLOW_RUN_URL_TAG", "FLOW_RUNS_TAG", "PIP_REQUIREMENTS", "RUN_KEY_TAG", "BufferedMetricLogger", "RunHandle", "aliases", "artifact_root", "attach_model_card",
     "check_reachable", "client", "download_model", "end_run", "ensure_experiment", "experiment_name", "experiment_url", "git_commit",
     "is_logged", "link_model_metrics", "log_artifact", "log_checkpoints", "log_config", "log_dataset_inputs", "log_loss_curve",

@@ -9,21 +9,25 @@ from __future__ import annotations
 import contextlib
 import getpass
 import importlib
+import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sft_core.config import PipelineConfig, redact_uri
+from sft_core.chat import render_prompt
+from sft_core.config import ALIASES, CANDIDATE, PREVIOUS, PRODUCTION, PipelineConfig, redact_uri, stable_hash
 from sft_core.errors import PromotionError, TrackingError
-from sft_core.gate import Decision
+from sft_core.gate import Decision, decide
 from sft_core.metrics import is_bound, shown
-from sft_core.stages import OWNED
+from sft_core.modeling import load_tokenizer
+from sft_core.report import figures_of
+from sft_core.stage_engine import OWNED
 from tasks.tracking.store import client, tracking_uri
 
-CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
-ALIASES = (CANDIDATE, PRODUCTION, PREVIOUS)
 GATE_TAG = "gate"  # on a promoted version: "passed", or "forced" (it failed the gate; --force with a reason)
 REPORT_ARTIFACT = "evaluation/report.json"  # the run's evaluation report (sft_core.report), what the gate pairs
 REGISTERED_TAG = "qwen_sft.registered"  # set last: a version without it was cut short and is finished by a re-run
@@ -36,9 +40,6 @@ PIP_REQUIREMENTS = ["torch", "transformers>=5,<6", "accelerate", "safetensors", 
 
 def serving_prompt_template(cfg: PipelineConfig, model_dir: str) -> str:
     """The chat prompt around `{prompt}`, so a served model gets what it was trained on."""
-    from sft_core.modeling import load_tokenizer
-    from sft_core.chat import render_prompt
-
     return render_prompt(load_tokenizer(model_dir), "{prompt}", cfg.data.system_prompt)
 
 
@@ -82,8 +83,9 @@ def log_model(cfg: PipelineConfig, run_id: str, model_dir: str, *, max_new_token
     `step` is the step the fine-tune's figures sit at: MLflow links the run's metrics at the model's step to the
     logged model (at step 0 they are the base model's).
     """
-    import mlflow
     from mlflow.models import infer_signature
+
+    import mlflow
 
     c = client(cfg)
     logged = _logged_models(c, run_id)
@@ -136,8 +138,6 @@ def link_model_metrics(cfg: PipelineConfig, run_id: str, keys: list[str]) -> int
 def _link_version(c, model_uri: str, name: str, version: str) -> None:
     """The logged model names its registered version (the tag MLflow's UI reads; its server sets it, the
     embedded store does not)."""
-    import json
-
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     if not model_uri.startswith("models:/m-"):
@@ -161,8 +161,6 @@ def _hub_card(text: str | None):
 
 def attach_model_card(cfg: PipelineConfig, model_uri: str, version: int, text: str) -> None:
     """The card as README.md in the logged model's artifacts and as the version's description."""
-    import tempfile
-
     c = client(cfg)
     if model_uri.startswith("models:/m-"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +170,33 @@ def attach_model_card(cfg: PipelineConfig, model_uri: str, version: int, text: s
     c.update_model_version(cfg.registry.name, str(version), description=text)
 
 
-def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str, float], train_key: str) -> dict:
+@dataclass
+class Registration:
+    """What registering did: the version, the alias it moved (None: it found its version already registered and
+    moved none), and where every alias points now."""
+
+    name: str
+    version: int
+    alias: str | None
+    reused: bool
+    aliases: dict[str, int]
+    model_uri: str = ""
+
+    def line(self) -> str:
+        """What registration did to the registry, in one sentence (the alias rule included)."""
+        if self.reused:
+            return (f"Version {self.version} of `{self.name}` was already registered for this config and data; no "
+                    f"alias moved ({aliases_line(self.aliases)}).")
+        return f"Registered `{self.name}` version {self.version} as `@{self.alias}`."
+
+
+def aliases_line(aliases: dict[str, int]) -> str:
+    """`@candidate v3, @production v2`."""
+    return ", ".join(f"@{a} v{v}" for a, v in aliases.items()) or "no aliases"
+
+
+def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str, float],
+             train_key: str) -> Registration:
     """Register a version and point `candidate` at it; idempotent per run + train key.
 
     The alias rule: `candidate` moves only to a version this call creates. A re-run that finds its
@@ -193,8 +217,7 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
     if found and not _cut_short(c, name, found[0]):
         # an unchanged run: its version exists, and every alias stays where a person or the gate put it
         _link_version(c, model_uri, name, found[0].version)
-        return {"name": name, "version": int(found[0].version), "alias": None, "reused": True,
-                "aliases": aliases(cfg)}
+        return Registration(name, int(found[0].version), None, True, aliases(cfg), model_uri)
     if found:  # a crash between creating the version and moving the alias: finish that registration
         version = found[0]
     else:
@@ -206,8 +229,7 @@ def register(cfg: PipelineConfig, run_id: str, model_uri: str, metrics: dict[str
     _link_version(c, model_uri, name, version.version)
     c.set_registered_model_alias(name, CANDIDATE, version.version)
     c.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
-    return {"name": name, "version": int(version.version), "alias": CANDIDATE, "reused": False,
-            "aliases": aliases(cfg)}
+    return Registration(name, int(version.version), CANDIDATE, False, aliases(cfg), model_uri)
 
 
 def _cut_short(c, name: str, mv) -> bool:
@@ -235,9 +257,6 @@ def _version_metrics(c, name: str, version: str) -> dict[str, float]:
 
 def _version_report(c, run_id: str) -> dict | None:
     """The evaluation report a version's run logged (None for a run from before reports were logged)."""
-    import json
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = c.download_artifacts(run_id, REPORT_ARTIFACT, tmp)
@@ -247,8 +266,6 @@ def _version_report(c, run_id: str) -> dict | None:
 
 
 def _figures(c, mv, which: str = "fine_tuned"):
-    from sft_core.report import figures_of
-
     return figures_of(_version_report(c, mv.run_id), dict(c.get_run(mv.run_id).data.metrics), which)
 
 
@@ -268,8 +285,6 @@ def promote(cfg: PipelineConfig, *, version: int | None = None, alias: str = CAN
             reason: str = "") -> Promotion:
     """Gate the candidate against its base and production (`sft_core.gate`); on pass move `production`, keep
     the old one as `previous`. `force` promotes a refused candidate, recorded on the version with the reason."""
-    from sft_core.gate import decide
-
     c = client(cfg)
     name = cfg.registry.name
     try:
@@ -362,12 +377,9 @@ def download_model(uri: str, cfg: PipelineConfig) -> Path:
     A download lands in a temporary folder and is renamed into place once whole, under a lock: a crash
     mid-download leaves nothing that a later call would trust, and a finished copy is reused.
     """
-    import shutil
-
-    import mlflow
     from filelock import FileLock
 
-    from sft_core.config import stable_hash
+    import mlflow
 
     c = client(cfg)
     pinned = _pinned(c, uri)

@@ -9,17 +9,24 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft_core.config import PipelineConfig, redact_uri
+from sft_core.checkpoints import newest_whole_step
+from sft_core.config import PipelineConfig, redact_uri, where_it_runs
+from sft_core.data import read_jsonl
+from sft_core.generate import PREDICTION_COLUMNS, side_by_side
 from sft_core.metrics import SELECTION_LOSS
-from sft_core.stages import Split, Trained
+from sft_core.results import Split, Trained
+from sft_core.sources import parse_data_source, parse_model_source
+from sft_core.train import read_metrics
+from sft_core.validation import REPORT_HTML
 from tasks.tracking.store import artifact_root, client, tracking_uri
 
 RUN_KEY_TAG = "qwen_sft.run_key"
@@ -31,8 +38,6 @@ _resumed_tags: dict[str, dict[str, str]] = {}  # run id -> its tags when this pr
 
 def experiment_name(cfg: PipelineConfig) -> str:
     """`tracking.experiment`, else `<dataset>--<model>` (e.g. delicate_medical_r1_data--Qwen2.5-1.5B)."""
-    from sft_core.sources import parse_data_source, parse_model_source
-
     if cfg.tracking.experiment:
         return cfg.tracking.experiment
     return f"{parse_data_source(cfg.data.source).name}--{parse_model_source(cfg.model.source).name}"
@@ -169,9 +174,6 @@ def needs_local_ui(cfg: PipelineConfig) -> bool:
     return not tracking_uri(cfg).startswith(("http://", "https://"))
 
 
-MACHINE_PARAMS = ("workdir", "tracking.", "schedule.")  # where a run lands: in config.yaml, not in the comparison
-
-
 def log_config(cfg: PipelineConfig, run_id: str) -> None:
     """What the run computes as params (the comparison view); the whole resolved config as config.yaml."""
     from mlflow.entities import Param
@@ -179,7 +181,7 @@ def log_config(cfg: PipelineConfig, run_id: str) -> None:
     c = client(cfg)
     existing = c.get_run(run_id).data.params
     params = [Param(k, v[:6000]) for k, v in sorted(cfg.flat_params().items())
-              if k not in existing and not k.startswith(MACHINE_PARAMS)]
+              if k not in existing and not where_it_runs(k)]  # where it ran: in config.yaml, not in the comparison
     for i in range(0, len(params), 100):
         c.log_batch(run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,13 +192,10 @@ def log_config(cfg: PipelineConfig, run_id: str) -> None:
 
 def log_dataset_inputs(cfg: PipelineConfig, run_id: str, splits: Split, source_location: str) -> None:
     """Lineage: train and val as MLflow dataset inputs (digest, source, row counts)."""
-    import mlflow
     import pandas as pd
     from mlflow.entities import InputTag
 
-    from sft_core.data import read_jsonl
-
-    import warnings
+    import mlflow
 
     c = client(cfg)
     already = {d.dataset.digest for d in c.get_run(run_id).inputs.dataset_inputs}
@@ -219,8 +218,6 @@ def log_validation(cfg: PipelineConfig, run_id: str, report: str | None, docs: s
     artifact view shows it whole), then as JSON, the whole GX Data Docs site (its index links to the result and
     suite pages, styled and navigable in a browser opened on the downloaded folder: MLflow's view shows one file
     without its style sheets), and the quarantined rows."""
-    from sft_core.validation import REPORT_HTML
-
     if report:
         page = Path(report).with_name(REPORT_HTML)
         if page.exists():
@@ -314,8 +311,6 @@ class BufferedMetricLogger:
 
     def _final_step(self) -> float:
         """The last step whose points are final: all of them without a folder, else the newest whole checkpoint's."""
-        from sft_core.checkpoints import newest_whole_step
-
         return float("inf") if self.folder is None else newest_whole_step(self.folder)
 
     def _flush(self, upto: float | None = None) -> bool:
@@ -364,8 +359,6 @@ def sync_training_metrics(cfg: PipelineConfig, run_id: str, metrics_file: str | 
     """Make sure every point of the training metrics file is in the run (after an outage or a cached train)."""
     from mlflow.entities import Metric
 
-    from sft_core.train import read_metrics
-
     c = client(cfg)
     points: dict[str, dict[int, float]] = {}
     for rec in read_metrics(metrics_file):
@@ -387,8 +380,6 @@ def log_loss_curve(cfg: PipelineConfig, run_id: str, metrics_file: str | Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sft_core.train import read_metrics
 
     train, evals = [], []
     for rec in read_metrics(metrics_file):
@@ -416,10 +407,9 @@ def log_loss_curve(cfg: PipelineConfig, run_id: str, metrics_file: str | Path) -
 def log_predictions(cfg: PipelineConfig, run_id: str, predictions_file: str | Path,
                     base_file: str | Path | None = None, artifact_file: str = "predictions.json") -> None:
     """One table: question, reference, the base model's output, the fine-tune's think and answer (raw text when unparsed)."""
-    import mlflow
     import pandas as pd
 
-    from sft_core.generate import PREDICTION_COLUMNS, side_by_side
+    import mlflow
 
     def read(path: str | Path | None) -> list[dict]:
         return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()] if path else []

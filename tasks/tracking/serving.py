@@ -6,16 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-from sft_core.config import PipelineConfig
+from sft_core.config import PRODUCTION, PipelineConfig
 from sft_core.errors import PromotionError
 from tasks.tracking.store import artifact_root, check_reachable, client, tracking_uri
 
 
-def model_uri(cfg: PipelineConfig, alias: str = "production") -> str:
+def model_uri(cfg: PipelineConfig, alias: str = PRODUCTION) -> str:
     return f"models:/{cfg.registry.name}@{alias}"
 
 
-def check_alias(cfg: PipelineConfig, alias: str = "production") -> int:
+def check_alias(cfg: PipelineConfig, alias: str = PRODUCTION) -> int:
     """The version behind `@alias`, or a PromotionError that says how to get one."""
     uri = check_reachable(cfg)
     try:

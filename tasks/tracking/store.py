@@ -6,6 +6,7 @@ server URI comes from ``tracking.uri`` or ``MLFLOW_TRACKING_URI``.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import subprocess
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sft_core.config import PipelineConfig, credentials_problem, redact_uri
 from sft_core.errors import ConfigError, TrackingError
@@ -86,6 +88,7 @@ def _ensure_store(uri: str) -> None:
     if db is None or uri in _stores_ready:
         return
     from filelock import FileLock
+
     import mlflow
 
     with _STORE_LOCK:
@@ -108,8 +111,6 @@ def _credentials_to_environment(uri: str) -> str:
     """`uri` without its credentials, which move to MLflow's documented MLFLOW_TRACKING_USERNAME / _PASSWORD
     (`http://user:pass@host` wins over values set there): MLflow reads them for every request, and no URL it
     prints (a failed request's "API request to URL failed", a traceback) can carry them."""
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
     parts = urlsplit(uri)
     if not uri.startswith(("http://", "https://")) or "@" not in parts.netloc:
         return uri
@@ -136,9 +137,6 @@ def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
     Credentials in the URI (`http://user:pass@host`) or in MLFLOW_TRACKING_USERNAME / _PASSWORD are sent
     with the health check, as MLflow sends them with every call.
     """
-    import base64
-    from urllib.parse import urlsplit, urlunsplit
-
     uri = tracking_uri(cfg)
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
@@ -178,8 +176,6 @@ def check_reachable(cfg: PipelineConfig, timeout: float = 5.0) -> str:
 def _refuse_file_store(cfg: PipelineConfig, uri: str) -> None:
     """MLflow 3 refuses its file store (`file:///...`, a plain path) unless MLFLOW_ALLOW_FILE_STORE=true: say so at
     once, not a minute later in a traceback from the first MLflow call inside the flow."""
-    from urllib.parse import urlsplit
-
     forced = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")  # as MLflow reads it
     if urlsplit(uri).scheme.lower() not in ("", "file") or forced:
         return
