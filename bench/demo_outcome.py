@@ -61,18 +61,19 @@ def main() -> None:
     print(machine_info())
     print(f"overrides: {a.overrides or 'none (the preset as shipped)'}")
     print("| seed | n | format | stop | usable | ROUGE-L | base format | base stop | eval loss (base) | train s | "
-          "run s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "generate s (base) | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     good = 0
     for seed in a.seeds:
         result, seconds = run_seed(seed, a.overrides)
         m = result["metrics"]
-        train = next((r["compute_seconds"] for r in result["stages"] if r["stage"] == "train"), 0.0)
+        took = {r["stage"]: r["compute_seconds"] for r in result["stages"]}
         good += beyond_noise(m)
         cells = [shown(r, m) for r in RATES] + [shown("gen/rouge_l", m), shown("base/gen/format_ok_rate", m),
                                                  shown("base/gen/stop_rate", m)]
         print(f"| {seed} | {int(m['gen/num_samples'])} | " + " | ".join(cells)
-              + f" | {m['eval/loss']:.3f} ({m['base/eval/loss']:.3f}) | {train:.0f} | {seconds:.0f} |", flush=True)
+              + f" | {m['eval/loss']:.3f} ({m['base/eval/loss']:.3f}) | {took.get('train', 0):.0f} | "
+              f"{took.get('generate', 0):.0f} ({took.get('generate-base', 0):.0f}) | {seconds:.0f} |", flush=True)
     print(f"demo beyond noise {good}/{len(a.seeds)} seeds")
 
 

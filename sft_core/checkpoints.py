@@ -81,6 +81,9 @@ def _manifest_problem(ckpt: Path) -> str | None:
             return f"{name}: missing (listed in {MANIFEST})"
         if _sha256(path) != digest:
             return f"{name}: its {path.stat().st_size:,} bytes differ from the ones saved ({MANIFEST})"
+    extra = [p.relative_to(ckpt).as_posix() for p in _files(ckpt) if p.relative_to(ckpt).as_posix() not in listed]
+    if extra:
+        return f"{extra[0]}: not listed in {MANIFEST} (not part of the checkpoint that was saved)"
     return None
 
 

@@ -123,8 +123,11 @@ class ReasoningSplitter:
                     self.mode = "content"
                 continue
             if self.mode == "reasoning_content":
-                self.buffer = self.buffer.replace(THINK_OPEN, "")  # a stray opening tag is no text
                 close = self.buffer.find(THINK_CLOSE)
+                head = self.buffer if close < 0 else self.buffer[:close]
+                if THINK_OPEN in head:  # a stray opening tag inside the reasoning is no text (after it, it is)
+                    self.buffer = head.replace(THINK_OPEN, "") + self.buffer[len(head):]
+                    close = self.buffer.find(THINK_CLOSE)
                 if close >= 0:
                     self._emit(out, self.buffer[:close].rstrip())
                     self.buffer, self.mode, self.fresh = self.buffer[close + len(THINK_CLOSE):], "content", True

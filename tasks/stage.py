@@ -101,7 +101,8 @@ class StageRunner:
             options.update(retries=stage.retries, retry_delay_seconds=[10, 60][: stage.retries],
                            retry_condition_fn=can_heal)
         started = time.perf_counter()
-        result = stage_task.with_options(**options)(name, self.cfg, inputs, self.refresh, run_id)
+        state = stage_task.with_options(**options)(name, self.cfg, inputs, self.refresh, run_id, return_state=True)
+        result = state.result()  # the stage's result, whether it ran or its task returned the `Cached` state
         self.rows.append(StageRow(name, "cached" if result.reused else "ran", round(time.perf_counter() - started, 2),
                                   result.seconds, result.folder))
         return result

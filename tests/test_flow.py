@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sft_core.config import load_config
+from sft_core.stages import STAGES
 from tests.servers import mlflow_server
 from tests.sizes import FLOW
 
@@ -64,6 +65,9 @@ def test_first_run_tracks_everything(first, server):
     print(f"first run: {seconds:.1f} s")
     assert all(r.status == "ran" for r in summary.stages if r.stage != "base-model")
     assert summary.train_steps == 24
+    train_folder = next(r.folder for r in summary.stages if r.stage == "train")
+    generation = json.loads((Path(train_folder) / "final" / "generation_config.json").read_text(encoding="utf-8"))
+    assert generation["max_new_tokens"] == 8, "the run's budget goes with the model (predict, serve-model, vLLM)"
     c = _client(server)
     run = c.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
@@ -186,6 +190,19 @@ def test_second_run_is_all_cached(first, workdir, server):
     flow_runs = run.data.tags["prefect.flow_run_ids"].split(",")
     assert len(flow_runs) == 2 and flow_runs[0] == run.data.tags["prefect.flow_run_id"], "every flow run is kept"
     assert run.data.tags["qwen_sft.continuations"] == "1" and run.data.tags["qwen_sft.last_continuation"] == "finished"
+    # one cache: what said "cached" is the stage's _DONE.json; Prefect shows it as the state `Cached` of the task
+    # run (its UI badge), and keeps no result store of its own
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        def cached_task_runs(flow_run_id: str) -> int:
+            runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return sum(r.state is not None and r.state.name == "Cached" for r in runs)
+
+        stage_rows = [r for r in again.stages if r.stage in STAGES]  # registration is a row, not a stage task
+        assert len(stage_rows) == 8 and cached_task_runs(flow_runs[1]) == len(stage_rows)
+        assert cached_task_runs(flow_runs[0]) == sum(r.status == "cached" for r in summary.stages if r.stage in STAGES)
     assert again.registered.version == summary.registered.version, "no duplicate version"
     assert not again.retrained
     c = _client(server)

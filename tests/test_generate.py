@@ -327,3 +327,22 @@ def test_references_must_match_questions(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="references has 1 items but questions has 2"):
         generate_answers(model, tok, QUESTIONS[:2], system_prompt=SYSTEM, max_new_tokens=2, references=["x"])
+
+
+def test_auto_means_one_budget_the_run_resolves_and_keeps_with_the_model(tmp_path):
+    """`auto` is resolved once, by the run, from the validation responses; `predict` and `serve-model` read that
+    budget back from the model folder (`max_new_tokens` in generation_config.json, which HF and vLLM also default
+    to); a number is a number; a model this project did not train falls back to `data.max_length`."""
+    from sft_core.generate import model_budget, resolve_max_new_tokens, store_budget
+
+    budget = resolve_max_new_tokens("auto", {"p95": 300, "p99": 420}, max_length=2048).max_new_tokens
+    assert budget == 528  # 420 * 1.25 = 525, rounded up to a multiple of 16
+    (tmp_path / "generation_config.json").write_text('{"repetition_penalty": 1.15}', encoding="utf-8")
+    assert model_budget("auto", tmp_path, 2048) == 2048, "not trained here: the trained length"
+    store_budget(tmp_path, budget)
+    assert model_budget("auto", tmp_path, 2048) == 528
+    assert model_budget(64, tmp_path, 2048) == 64
+    import json
+
+    kept = json.loads((tmp_path / "generation_config.json").read_text(encoding="utf-8"))
+    assert kept == {"max_new_tokens": 528, "repetition_penalty": 1.15}, "the model's other defaults are kept"

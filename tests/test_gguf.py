@@ -87,7 +87,7 @@ def test_a_gguf_becomes_a_folder_that_computes_what_the_gguf_computes(tiny_gguf,
 
 
 def test_the_chat_format_and_the_control_token_check_work_with_a_gguf_tokenizer(tiny_gguf, tmp_path, sample):
-    from sft_core.chat import IM_END, control_tokens, encode_example, render_example, stop_token_ids
+    from sft_core.chat import ENDOFTEXT, IM_END, control_tokens, encode_example, render_example, stop_token_ids
     from sft_core.gguf import convert_gguf
     from sft_core.modeling import load_model, load_tokenizer, prepare_for_sft
     from sft_core.validation import validate_rows
@@ -112,7 +112,8 @@ def test_the_chat_format_and_the_control_token_check_work_with_a_gguf_tokenizer(
 
     model = load_model(out)
     prepare_for_sft(model, tokenizer)
-    assert stop_token_ids(tokenizer, model.generation_config) == [im_end]
+    # <|im_end|> ends the fine-tune's turn; <|endoftext|> (SmolLM2's unk_token too) ends the base's text
+    assert stop_token_ids(tokenizer, model.generation_config) == [im_end, tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
     assert tokenizer.pad_token_id != im_end, "padding must not be the token the fine-tune learns to end on"
 
 

@@ -320,7 +320,7 @@ def test_the_logged_model_carries_the_fine_tunes_figures_and_names_its_version(t
     assert figures["eval/loss"] == 6.75 and figures["gen/format_ok_rate"] == 1.0, figures
     assert not any(k.startswith("base/") for k in figures), "the base model's figures are not the fine-tune's"
     assert json.loads(model.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": "linked-model",
-                                                              "version": str(registered["version"])}]
+                                                              "version": str(registered.version)}]
     assert [(m.step, m.value) for m in c.get_metric_history(run_id, "eval/loss")] == [(12, 7.45), (24, 6.75)], \
         "linking sends the same points again: the run's history is unchanged"
     assert "<think>" in _shown_text(c.get_registered_model("linked-model").description)

@@ -223,9 +223,9 @@ def test_registration_is_idempotent_after_a_half_done_attempt(tmp_path: Path):
                            tags={"run_id": run.info.run_id, "train_key": "k1"})
     first = tracking.register(cfg, run.info.run_id, uri, {"eval/loss": 1.0}, "k1")
     second = tracking.register(cfg, run.info.run_id, uri, {"eval/loss": 1.0}, "k1")
-    assert first["version"] == second["version"] == 1
-    assert not first["reused"], "the cut-short registration is finished (its alias moved)"
-    assert second["reused"] and second["alias"] is None, "then it is done: nothing moves again"
+    assert first.version == second.version == 1
+    assert not first.reused, "the cut-short registration is finished (its alias moved)"
+    assert second.reused and second.alias is None, "then it is done: nothing moves again"
     assert len(c.search_model_versions("name = 'idem-model'")) == 1
     assert int(c.get_model_version_by_alias("idem-model", "candidate").version) == 1
 
