@@ -225,8 +225,8 @@ def test_a_run_with_vllm_as_the_evaluation_engine_reports_what_the_hf_engine_rep
         runs[engine] = run_in_process("demo", [*shape, f"workdir={tmp_path / engine}", f"eval.engine={engine}",
                                                f"eval.vllm={vllm_python}"])
     hf, vl = runs["hf"], runs["vllm"]
-    assert [r[0] for r in comparison_rows(vl["metrics"])] == [r[0] for r in comparison_rows(hf["metrics"])]
-    assert vl["metrics"]["gen/num_samples"] == hf["metrics"]["gen/num_samples"] == 13
+    assert [r[0] for r in comparison_rows(vl.metrics)] == [r[0] for r in comparison_rows(hf.metrics)]
+    assert vl.metrics["gen/num_samples"] == hf.metrics["gen/num_samples"] == 13
     import json
     from pathlib import Path
 
@@ -238,4 +238,4 @@ def test_a_run_with_vllm_as_the_evaluation_engine_reports_what_the_hf_engine_rep
     assert sorted(selection_scores(vl)) == [4, 8], "selection generated through vLLM at every save"
     assert selection_scores(vl) == selection_scores(hf), "greedy on the same weights: the same selection"
     for name in ("gen/format_ok_rate", "gen/stop_rate", "base/gen/format_ok_rate", "base/gen/stop_rate"):
-        assert vl["metrics"][name] == hf["metrics"][name], name
+        assert vl.metrics[name] == hf.metrics[name], name
