@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from sft_core.gate import ModelFigures
-from sft_core.metrics import BASE
+from sft_core.metrics import own_and_base
 
 REPORT_VERSION = 1
 
 
 def _read_jsonl(path: str | Path | None) -> list[dict]:
+    """The rows of a predictions file; none for no file or an empty one (`sft_core.data.read_jsonl` refuses it)."""
     if not path:
         return []
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -48,10 +49,8 @@ def build_report(*, sets_file: str | Path, metrics: dict[str, float], prediction
 def figures_of(report: dict[str, Any] | None, metrics: dict[str, float], which: str = "fine_tuned") -> ModelFigures:
     """What the gate knows of one model of a run (`fine_tuned` or `base`): its headline metrics (the base's
     without their `base/` prefix) and, when the report has them, its per-question outcomes."""
-    if which == "base":
-        metrics = {k.removeprefix(BASE): v for k, v in metrics.items() if k.startswith(BASE)}
-    else:
-        metrics = {k: v for k, v in metrics.items() if not k.startswith(BASE)}
+    own, base = own_and_base(metrics)
+    metrics = base if which == "base" else own
     section = (report or {}).get("models", {}).get(which)
     if not section:
         return ModelFigures(metrics)
